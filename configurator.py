@@ -1,0 +1,73 @@
+"""Typed configuration overrides, nanoGPT-style, without nanoGPT's exec-into-globals.
+
+Every script declares its defaults as a dict (one hyperparameter per line, trailing comment) and
+calls `configure(defaults, argv)`. Arguments are applied left to right:
+
+    python pretrain_decoder.py config/paper_pretrain_decoder.py --batch_size=8 --lr=3e-5
+
+- a positional argument is a config file: Python whose top-level names override the defaults;
+- `--key=value` overrides one key; the value is parsed as a Python literal (strings may be bare).
+
+The type of each default is binding: an unknown key or a value of the wrong type is an error that
+names the key (and the file) and lists the valid keys. An int is accepted where a float is expected,
+and a key whose default is None accepts any literal.
+"""
+import ast
+from types import SimpleNamespace
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(key: str, value, defaults: dict, where: str):
+    if key not in defaults:
+        raise ConfigError(f"{where}: unknown config key '{key}'. Valid keys: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    if default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # int -> float is the one widening we allow (lr=1 means 1.0)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{where}: config key '{key}' expects {type(default).__name__} "
+                          f"(default {default!r}), got {type(value).__name__} {value!r}. "
+                          f"Valid keys: {', '.join(sorted(defaults))}")
+    return value
+
+
+def _parse_value(text: str, default):
+    if isinstance(default, bool) and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as --out_dir=out/run1
+
+
+def _read_file(path: str) -> dict:
+    try:
+        source = open(path).read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    namespace: dict = {}
+    exec(compile(source, path, "exec"), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)
+            and type(v).__name__ != "module"}
+
+
+def configure(defaults: dict, argv: list[str] | None = None) -> SimpleNamespace:
+    """Apply config files and --key=value flags from `argv` to `defaults`; return the typed config."""
+    config = dict(defaults)
+    for arg in argv or []:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"flag '{arg}' must look like --key=value. "
+                                  f"Valid keys: {', '.join(sorted(defaults))}")
+            config[key] = _check(key, _parse_value(text, defaults.get(key)), defaults, f"flag {arg}")
+        else:
+            for key, value in _read_file(arg).items():
+                config[key] = _check(key, value, defaults, f"config file {arg}")
+    return SimpleNamespace(**config)

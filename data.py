@@ -1,0 +1,59 @@
+"""Image-caption datasets in the JSONL format both scales share (DESIGN §5).
+
+A dataset is a folder with `train.jsonl`, `val.jsonl` (the shapes world adds `bench.jsonl`); each line
+is {"image": "relative/path.png", "caption": "...", ...extra fields}. Bad input is reported with the
+file and line number, never skipped.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path: str, require_caption: bool = True) -> list[dict]:
+    """Records of a JSONL file, each with its absolute image path in `image_path`."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such dataset file")
+    root, records = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+                raise DataError(f"{where}: each line needs an \"image\" string")
+            if require_caption and not (isinstance(record.get("caption"), str) and record["caption"].strip()):
+                raise DataError(f"{where}: missing or empty \"caption\"")
+            record["image_path"] = os.path.join(root, record["image"])
+            record["where"] = where
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records
+
+
+def load_image(record: dict, size: int | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; optionally resized (bicubic) to size x size."""
+    try:
+        with Image.open(record["image_path"]) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BICUBIC)
+            return np.asarray(im)
+    except (OSError, ValueError) as e:  # missing file, truncated or not an image
+        raise DataError(f"{record['where']}: cannot read image {record['image_path']} ({e})") from None
+
+
+def load_images(records: list[dict], size: int | None = None) -> torch.Tensor:
+    """All images of `records` as one (N, 3, H, W) uint8 tensor (the shapes world fits in memory)."""
+    return torch.from_numpy(np.stack([load_image(r, size) for r in records])).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,191 @@
+"""Frozen image-feature backbones (open_clip / DINOv2 / DINOv3), the reconstruction reward
+r = cos(f(x), f(x_hat)), and GRPO group-normalised advantages."""
+import logging
+import os
+import zipfile
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SPEC_FORMS = "'open_clip:<model_name>:<checkpoint_file>' or 'hf:<local_dir>'"
+HF_DINO_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")  # pooler_output = layer-normed CLS
+
+
+class Backbone(nn.Module):
+    """A frozen image encoder with its own preprocessing written in torch, so that features are
+    differentiable w.r.t. the input pixels. `resize` is an int (shortest side, aspect kept) or an
+    exact (H, W); `crop` is a center crop (H, W) or None."""
+
+    def __init__(self, name: str, encoder: nn.Module, resize: int | tuple[int, int],
+                 crop: tuple[int, int] | None, interpolation: str,
+                 mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.name, self.encoder = name, encoder
+        self.resize, self.crop, self.interpolation = resize, crop, interpolation
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Backbone":
+        # a frozen scorer must stay deterministic (no patch dropout / drop path) even when a parent
+        # module is switched to training mode
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, torch.float32)
+        h, w = x.shape[-2:]
+        size = self.resize
+        if isinstance(size, int):  # same rounding as torchvision Resize(int): long side truncated
+            long = int(size * max(h, w) / min(h, w))
+            size = (size, long) if h <= w else (long, size)
+        if (h, w) != tuple(size):
+            x = F.interpolate(x, size=size, mode=self.interpolation, antialias=True, align_corners=False)
+        if self.crop is not None:  # same offsets as torchvision center_crop
+            top, left = round((size[0] - self.crop[0]) / 2), round((size[1] - self.crop[1]) / 2)
+            x = x[..., top:top + self.crop[0], left:left + self.crop[1]]
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) floats in [0, 1], any size/device -> (B, D) unit-norm fp32 features."""
+        x = self.preprocess(images).to(next(self.encoder.parameters()).dtype)
+        out = self.encoder(x)
+        if not torch.is_tensor(out):  # transformers ModelOutput: the CLS token after the final norm
+            out = out.pooler_output
+        return F.normalize(out.float(), dim=-1)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        return torch.cat([self(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def _is_torchscript(path: str) -> bool:  # the marker torch.load itself checks for
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/constants.pkl") for n in z.namelist())
+
+
+def _load_open_clip(spec: str, name: str, path: str) -> Backbone:
+    import open_clip
+    from open_clip.factory import load_state_dict
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"open_clip checkpoint not found: '{path}' (spec '{spec}')")
+    open_clip.add_model_config(Path(__file__).parent / "config" / "open_clip")  # ShapesCLIP etc.
+    # We build the architecture by name and load the weights ourselves, so silence create_model's
+    # "initialized randomly" warning. pretrained_text=False: never fetch a hub text tower.
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(name, pretrained_text=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    # OpenAI's own release (e.g. ViT-L-14.pt) is a TorchScript archive, which torch.load refuses under
+    # weights_only=True; torch.jit.load restores tensors without unpickling arbitrary Python objects.
+    state = (torch.jit.load(path, map_location="cpu").state_dict() if _is_torchscript(path)
+             else load_state_dict(path))  # weights_only; strips 'module.' / 'state_dict'
+    # Only the image tower is used, so only it is loaded -- strictly. Text-side differences are thus
+    # irrelevant: LongCLIP-L is ViT-L-14 with 248 text positions (plus 'positional_embedding_res'),
+    # which a strict full load rejects. Dropping the text tower also saves ~120M params for ViT-L.
+    # NB OpenAI-trained weights (OpenAI CLIP, LongCLIP) used QuickGELU: name 'ViT-L-14-quickgelu'.
+    model.visual.load_state_dict({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")})
+    cfg = model.visual.preprocess_cfg  # size, mean, std, interpolation, resize_mode (set by create_model)
+    h, w = (cfg["size"], cfg["size"]) if isinstance(cfg["size"], int) else cfg["size"]
+    if cfg["resize_mode"] == "squash":
+        resize, crop = (h, w), None
+    elif cfg["resize_mode"] == "shortest" and h == w:
+        resize, crop = h, (h, w)
+    else:
+        raise ValueError(f"{spec}: unsupported open_clip preprocessing {cfg}")
+    return Backbone(spec, model.visual, resize, crop, cfg["interpolation"], cfg["mean"], cfg["std"])
+
+
+def _load_hf(spec: str, path: str) -> Backbone:
+    from transformers import AutoImageProcessor, AutoModel
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: '{path}' (spec '{spec}')")
+    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if model.config.model_type not in HF_DINO_TYPES:  # pooler_output means other things elsewhere
+        raise ValueError(f"{spec}: model_type '{model.config.model_type}' is not one of {HF_DINO_TYPES}")
+    proc = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    # DINOv2 (BitImageProcessor): shortest side 256, center crop 224; DINOv3: exact 224x224, no crop
+    size = proc.size
+    resize = size.shortest_edge if size.shortest_edge else (size.height, size.width)
+    crop = (proc.crop_size.height, proc.crop_size.width) if getattr(proc, "do_center_crop", False) else None
+    interpolation = "bilinear" if int(proc.resample) == 2 else "bicubic"  # PIL codes: 2 bilinear, 3 bicubic
+    return Backbone(spec, model, resize, crop, interpolation, proc.image_mean, proc.image_std)
+
+
+def load_backbone(spec: str, device: str | torch.device | None = None) -> Backbone:
+    """spec: 'open_clip:<model_name>:<checkpoint_file>' or 'hf:<local_dir>' (local files only)."""
+    kind, _, rest = spec.partition(":")
+    name, _, path = rest.partition(":")  # the checkpoint path may itself contain ':'
+    if kind == "open_clip" and name and path:
+        backbone = _load_open_clip(spec, name, path)
+    elif kind == "hf" and rest:
+        backbone = _load_hf(spec, rest)
+    else:
+        raise ValueError(f"invalid backbone spec '{spec}'; valid forms: {SPEC_FORMS}")
+    return backbone.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine similarity of paired (N, D) features, in fp32."""
+    if a.shape != b.shape:
+        raise ValueError(f"cosine needs paired features of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def reconstruction_reward(x: torch.Tensor, x_hat: torch.Tensor, backbone: Backbone) -> torch.Tensor:
+    """r_i = cos(f(x_i), f(x_hat_i)). The source side never needs gradients; x_hat keeps them."""
+    with torch.no_grad():
+        source = backbone(x)
+    return cosine(source, backbone(x_hat))
+
+
+class ReconstructionReward:
+    """The reconstruction reward with the source features f(x) cached by key: the sources are fixed
+    during RL (and repeated group_size times per batch), so each one is embedded once."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.cache: dict[Hashable, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def source_features(self, x: torch.Tensor, keys: Sequence[Hashable]) -> torch.Tensor:
+        if len(keys) != len(x):
+            raise ValueError(f"got {len(keys)} keys for {len(x)} images")
+        todo: dict[Hashable, int] = {}  # first row of each uncached key
+        for i, k in enumerate(keys):
+            if k not in self.cache:
+                todo.setdefault(k, i)
+        if todo:
+            self.cache.update(zip(todo, self.backbone(x[list(todo.values())])))
+        return torch.stack([self.cache[k] for k in keys])
+
+    def reconstruction_reward(self, x: torch.Tensor, x_hat: torch.Tensor,
+                              keys: Sequence[Hashable] | None = None) -> torch.Tensor:
+        if keys is None:
+            return reconstruction_reward(x, x_hat, self.backbone)
+        return cosine(self.source_features(x, keys), self.backbone(x_hat))
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2; Flow-GRPO uses the same):
+    A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), population std as in Flow-GRPO's np.std.
+    rewards: (N,), consecutive runs of group_size rows form one group."""
+    if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with length divisible by group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.float().view(-1, group_size)
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + 1e-4)
+    # a group with no reward spread carries no signal; its float mean can differ from the members by
+    # an ulp, which the 1e-4 denominator would turn into noise rather than exactly 0
+    flat = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)
+    return adv.masked_fill(flat, 0.0).view(-1)

@@ -1,0 +1,334 @@
+"""The shapes world: a tiny, fully verifiable stand-in for natural images (DESIGN §6, §7).
+
+A scene is 1-4 (up to 9) coloured shapes in distinct cells of a 3x3 grid on a 64x64 canvas. Every
+image and every caption can be parsed back into its scene without any learning, so all metrics here
+are exact oracles:
+
+    render(scene) -> image             detect_scene(image) -> scene
+    long_caption(scene) -> text        parse_caption(text) -> scene
+    short_caption(scene, rng) -> text  (under-describes: small objects are rarely mentioned)
+
+Long captions are the decoder's training text (the paper's 250-word "long-context" captions); short
+captions are the base encoder's (web alt-text that omits small things, the gap UAE's RL closes).
+"""
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CANVAS = 64
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+COLORS = {  # well separated in RGB: the closest pair (blue, purple) is >110 apart, noise sigma is 8
+    "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
+    "yellow": (235, 200, 30), "purple": (150, 60, 190), "cyan": (40, 200, 210),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("large", "small")
+BACKGROUND = (245, 245, 240)
+EXTENT = {"large": 16, "small": 8}  # side of the bounding box in pixels
+JITTER = 2  # max |offset| from the cell centre; large objects (16 + 2*2 px) stay inside 21-px cells
+CELL_CENTERS = (11, 32, 53)
+CELL_EDGES = (0, 22, 43, CANVAS)  # pixel ranges of the three rows/columns
+SHORT_MENTION_P = {"large": 0.7, "small": 0.1}  # DESIGN §6: large often, small about 1 in 10
+SHORT_ATTRIBUTE_P = 0.3  # chance that a short caption states the size / the position of a mention
+CAPTION_PROMPT = "describe this image in detail."  # the encoder's instruction (the paper's: "Given an input image, generate a textual description ...")
+
+
+@dataclass(frozen=True, order=True)
+class Obj:
+    """One object. Position jitter is for rendering only: it is not part of the scene's identity."""
+    pos: str | None
+    color: str
+    shape: str
+    size: str | None
+    dx: int = field(default=0, compare=False)
+    dy: int = field(default=0, compare=False)
+
+    def to_json(self) -> dict:
+        return {"pos": self.pos, "color": self.color, "shape": self.shape, "size": self.size, "dx": self.dx, "dy": self.dy}
+
+
+def canonical(objs) -> tuple:
+    """A scene is a tuple of objects in reading order (unknown positions last)."""
+    key = lambda o: (POSITIONS.index(o.pos) if o.pos else len(POSITIONS), o.color, o.shape, o.size or "")
+    return tuple(sorted(objs, key=key))
+
+
+def scene_from_json(items: list[dict]) -> tuple:
+    return canonical(Obj(**item) for item in items)
+
+
+# ----------------------------------------------------------------------------- sampling, rendering
+
+def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 4) -> tuple:
+    """Distinct cells, distinct (colour, shape) pairs, sizes 50/50, integer jitter in [-2, 2]."""
+    n = rng.randint(min_objects, max_objects)
+    cells = rng.sample(POSITIONS, n)
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    return canonical(Obj(pos, color, shape, rng.choice(SIZES), rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER))
+                     for pos, (color, shape) in zip(cells, kinds))
+
+
+def rejitter(scene: tuple, rng: random.Random) -> tuple:
+    """The same scene with new position jitter (used to test that a backbone sees content, not pixels)."""
+    return tuple(Obj(o.pos, o.color, o.shape, o.size, rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)) for o in scene)
+
+
+_ys, _xs = np.mgrid[0:CANVAS, 0:CANVAS] + 0.5  # pixel centres
+
+
+def object_mask(obj: Obj) -> np.ndarray:
+    i = POSITIONS.index(obj.pos)
+    cx, cy, h = CELL_CENTERS[i % 3] + obj.dx, CELL_CENTERS[i // 3] + obj.dy, EXTENT[obj.size] / 2
+    if obj.shape == "square":
+        return (np.abs(_xs - cx) < h) & (np.abs(_ys - cy) < h)
+    if obj.shape == "circle":
+        return (_xs - cx) ** 2 + (_ys - cy) ** 2 < h * h
+    # upward isosceles triangle: apex at the top of the box, base at the bottom
+    return (_ys > cy - h) & (_ys < cy + h) & (np.abs(_xs - cx) < (_ys - cy + h) / 2)
+
+
+def render(scene: tuple) -> np.ndarray:
+    """Scene -> (64, 64, 3) uint8 image with hard edges (so the oracle is exact on clean renders)."""
+    image = np.empty((CANVAS, CANVAS, 3), np.uint8)
+    image[:] = BACKGROUND
+    for obj in scene:
+        image[object_mask(obj)] = COLORS[obj.color]
+    return image
+
+
+# ----------------------------------------------------------------------------- captions
+
+def _phrase(obj: Obj) -> str:
+    words = ["a"] + ([obj.size] if obj.size else []) + [obj.color, obj.shape]
+    return " ".join(words + (["at the", obj.pos] if obj.pos else []))
+
+
+def _join(phrases: list[str]) -> str:
+    if not phrases:
+        return "some shapes."
+    body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    return body + "."
+
+
+def long_caption(scene: tuple) -> str:
+    """Every object with all four attributes, in reading order."""
+    return _join([_phrase(o) for o in scene])
+
+
+def short_caption(scene: tuple, rng: random.Random) -> str:
+    """A random subset: colour and shape always, size and position sometimes (DESIGN §6)."""
+    mentioned = [Obj(o.pos if rng.random() < SHORT_ATTRIBUTE_P else None, o.color, o.shape,
+                     o.size if rng.random() < SHORT_ATTRIBUTE_P else None)
+                 for o in scene if rng.random() < SHORT_MENTION_P[o.size]]
+    return _join([_phrase(o) for o in mentioned])
+
+
+def parse_caption(text: str) -> tuple:
+    """Caption -> scene. Lenient, because model captions can be malformed: each clause (split at
+    ',', 'and', '.') that names a colour and a shape is an object; size and position are read if
+    stated (else None). A repeated (colour, shape) keeps its first mention."""
+    clauses = text.lower().replace(",", " | ").replace(".", " | ").replace(" and ", " | ").split("|")
+    objs, seen = [], set()
+    for clause in clauses:
+        words = clause.split()
+        color = next((w for w in words if w in COLORS), None)
+        shape = next((w for w in words if w in SHAPES), None)
+        if color is None or shape is None or (color, shape) in seen:
+            continue
+        seen.add((color, shape))
+        size = next((w for w in words if w in SIZES), None)
+        pos = None
+        if "at" in words:
+            tail = " ".join(words[words.index("at") + 1:]).removeprefix("the ").strip()
+            pos = tail if tail in POSITIONS else None
+        objs.append(Obj(pos, color, shape, size))
+    return canonical(objs)
+
+
+# ----------------------------------------------------------------------------- the image oracle
+
+_PALETTE = np.array([BACKGROUND] + list(COLORS.values()), np.float32)
+_COLOR_NAMES = list(COLORS)
+MIN_OBJECT_PIXELS = 12  # a small triangle has ~28 px; specks left by a diffusion model have fewer
+MAX_COLOR_DISTANCE = 90.0  # pixels farther than this from every palette colour are ignored
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """Pixel coordinates (N, 2) of the largest 4-connected component of a small boolean mask."""
+    seen = np.zeros_like(mask)
+    best = np.zeros((0, 2), int)
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, comp = deque([start]), []
+        while queue:
+            y, x = queue.popleft()
+            comp.append((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(comp) > len(best):
+            best = np.array(comp)
+    return best
+
+
+def classify_blob(pixels: np.ndarray) -> tuple[str, str]:
+    """(size, shape) from a blob's pixels: extent decides size, bounding-box fill decides shape
+    (square 1.0, circle pi/4 = 0.79, triangle 0.5)."""
+    h, w = pixels.max(0) - pixels.min(0) + 1
+    fill = len(pixels) / (h * w)
+    size = "large" if max(h, w) >= 12 else "small"
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    return size, shape
+
+
+def to_uint8_hwc(image) -> np.ndarray:
+    """Accept (H, W, 3) uint8 arrays or (3, H, W) float tensors/arrays in [0, 1]."""
+    if hasattr(image, "detach"):
+        image = image.detach().float().cpu().numpy()
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = np.clip(np.round(np.moveaxis(image, 0, -1) * 255), 0, 255).astype(np.uint8)
+    return image
+
+
+def detect_scene(image) -> tuple:
+    """Image -> scene by colour segmentation and simple geometry (no learning).
+
+    Each pixel takes its nearest palette colour; for every (colour, grid cell) the largest connected
+    blob of at least MIN_OBJECT_PIXELS is an object whose size and shape come from classify_blob.
+    Objects never leave their cell (jitter is bounded), so cells separate same-coloured objects."""
+    rgb = to_uint8_hwc(image).astype(np.float32)
+    dist = np.linalg.norm(rgb[:, :, None, :] - _PALETTE[None, None], axis=-1)
+    label = dist.argmin(-1)
+    label[dist.min(-1) > MAX_COLOR_DISTANCE] = 0
+    objs = []
+    for ci, color in enumerate(_COLOR_NAMES, start=1):
+        mask = label == ci
+        if mask.sum() < MIN_OBJECT_PIXELS:
+            continue
+        for p, pos in enumerate(POSITIONS):
+            r, c = divmod(p, 3)
+            cell = mask[CELL_EDGES[r]:CELL_EDGES[r + 1], CELL_EDGES[c]:CELL_EDGES[c + 1]]
+            if cell.sum() < MIN_OBJECT_PIXELS:
+                continue
+            blob = _largest_component(cell)
+            if len(blob) >= MIN_OBJECT_PIXELS:
+                size, shape = classify_blob(blob)
+                objs.append(Obj(pos, color, shape, size))
+    # Two blobs of one (colour, shape) cannot both be real (scenes never repeat a kind): keep the larger-size one
+    unique = {}
+    for o in objs:
+        unique.setdefault((o.color, o.shape), o)
+    return canonical(unique.values())
+
+
+# ----------------------------------------------------------------------------- metrics (DESIGN §7)
+
+def caption_counts(text: str, scene: tuple) -> dict:
+    """Counts for one caption against its true scene; sum them over a set, then caption_report."""
+    mentions = parse_caption(text)
+    truth = {(o.color, o.shape): o for o in scene}
+    found = [m for m in mentions if (m.color, m.shape) in truth]  # an object counts when colour and shape are named
+    stated = [(getattr(m, a), getattr(truth[(m.color, m.shape)], a)) for m in found for a in ("size", "pos") if getattr(m, a)]
+    return {
+        "objects": len(scene), "small_objects": sum(o.size == "small" for o in scene),
+        "found": len(found), "found_small": sum(truth[(m.color, m.shape)].size == "small" for m in found),
+        "mentions": len(mentions), "attributes_stated": len(stated),
+        "attributes_correct": sum(said == true for said, true in stated), "words": len(text.split()),
+    }
+
+
+def caption_report(texts: list[str], scenes: list[tuple]) -> dict:
+    """Understanding metrics, micro-averaged: recall, small-object recall, attribute accuracy of
+    stated sizes/positions, precision (1 - hallucinated mentions), mean caption length in words."""
+    totals = {}
+    for text, scene in zip(texts, scenes, strict=True):
+        for k, v in caption_counts(text, scene).items():
+            totals[k] = totals.get(k, 0) + v
+    ratio = lambda a, b: totals[a] / totals[b] if totals[b] else float("nan")
+    return {"recall": ratio("found", "objects"), "small_object_recall": ratio("found_small", "small_objects"),
+            "attribute_accuracy": ratio("attributes_correct", "attributes_stated"),
+            "precision": ratio("found", "mentions"), "caption_length": totals["words"] / len(texts)}
+
+
+GENERATION_CATEGORIES = ("objects", "color", "shape", "size", "position", "count")
+
+
+def generation_checks(detected: tuple, target: tuple) -> dict:
+    """GenEval-style binary checks for one generated image against the scene it was asked for."""
+    found = {(o.color, o.shape): o for o in detected}
+    matched = [(o, found.get((o.color, o.shape))) for o in target]
+    all_found = all(d is not None for _, d in matched)
+    return {
+        "overall": detected == target,
+        "objects": all_found,
+        "color": sorted(o.color for o in detected) == sorted(o.color for o in target),
+        "shape": sorted(o.shape for o in detected) == sorted(o.shape for o in target),
+        "size": all_found and all(t.size == d.size for t, d in matched),
+        "position": all_found and all(t.pos == d.pos for t, d in matched),
+        "count": len(detected) == len(target),
+    }
+
+
+def generation_report(images, targets: list[tuple]) -> dict:
+    """GenEval-shapes: overall = exact scene match rate; per-category rates; the >=3-object subset."""
+    checks = [generation_checks(detect_scene(img), t) for img, t in zip(images, targets, strict=True)]
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows) if rows else float("nan")
+    big = [c for c, t in zip(checks, targets) if len(t) >= 3]
+    return {"overall": mean(checks, "overall"), **{k: mean(checks, k) for k in GENERATION_CATEGORIES},
+            "overall_3plus": mean(big, "overall")}
+
+
+def scene_f1(a: tuple, b: tuple) -> float:
+    """F1 between two scenes as sets of fully specified objects (pos, colour, shape, size)."""
+    if not a and not b:
+        return 1.0
+    return 2 * len(set(a) & set(b)) / (len(a) + len(b))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>", "[UNK]"]
+CHAT_TEMPLATE = (  # ChatML as in Qwen2-VL; an image content item becomes vision_start, image_pad, vision_end
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def vocabulary() -> list[str]:
+    """Every word the world's captions, prompt and chat roles use (fixed order: ids are stable)."""
+    words = ["a", "at", "the", "and", ",", ".", "some", "shapes", "system", "user", "assistant", "generate"]
+    words += list(SIZES) + list(COLORS) + list(SHAPES)
+    words += sorted({w for p in POSITIONS for w in p.split()} | set(CAPTION_PROMPT.replace(".", " ").split()))
+    return SPECIAL_TOKENS + list(dict.fromkeys(words))
+
+
+def build_tokenizer():
+    """A word-level `PreTrainedTokenizerFast` with Qwen2.5-VL's special tokens and chat template, so
+    the tiny encoder runs through the same Qwen2.5-VL processor code as the real 3B one."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation; newlines vanish
+    core.decoder = decoders.WordPiece(cleanup=True)  # join with spaces, then "a ." -> "a."
+    core.add_special_tokens(SPECIAL_TOKENS)  # matched whole, before pre-tokenization
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
