@@ -1,0 +1,627 @@
+"""The UMM-1 auto-encoder (DESIGN §3) and what every stage shares: runtime, checkpoints, LoRA.
+
+    encoder  image --Qwen2.5-VL--> caption                         (understanding, I2T)
+    decoder  caption --same LLM, role "generate"--> hidden states --projector--> SD3 MM-DiT --VAE--> image
+                                                                                       (generation, T2I)
+
+One class serves both scales: `UAE.build_tiny(...)` makes the shapes-world model from configs,
+`UAE.from_pretrained(qwen_dir, sd3_dir)` loads Qwen2.5-VL-3B-Instruct + an SD3 pipeline directory
+from disk, and `UAE.save` / `UAE.load` handle our own checkpoints.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# ============================================================================ runtime
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # the one compute precision, applied through autocast()
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> Runtime:
+    """Detect torchrun (RANK / LOCAL_RANK / WORLD_SIZE), pick the device, seed with base + rank."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dtype == "auto":  # bf16 where the hardware has it: ~2.7x the fp32 matmul rate even on these CPUs (DESIGN §9)
+        dtype = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    seed_everything(seed + rank)
+    return Runtime(rank, local_rank, world, device, getattr(torch, dtype))
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ============================================================================ checkpoints
+
+def atomic_dir(final: str):
+    """Write a directory under a temporary name and rename it into place: a kill mid-save leaves the
+    previous checkpoint intact (DESIGN §8). Use as: with atomic_dir(path) as tmp: write into tmp."""
+    @contextlib.contextmanager
+    def ctx():
+        tmp = final.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        yield tmp
+        old = final.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    return ctx()
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to min_ratio * lr (nanoGPT's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def all_reduce_grads(params):
+    """Data parallelism made explicit: average gradients over ranks after backward (gloo or nccl)."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict, finished: bool = False,
+                    extra: dict | None = None):
+    """Atomically write weights (model.save), optimizer, step, config and RNG states into out_dir."""
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp, trained)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng_state(),
+                    "finished": finished, **(extra or {})}, os.path.join(tmp, "training_state.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+
+
+def load_training_state(directory: str) -> dict | None:
+    path = os.path.join(directory, "training_state.pt")
+    if not os.path.exists(path):
+        return None
+    # the numpy RNG state holds numpy arrays, which weights_only refuses; this file is our own
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ============================================================================ LoRA (hand-written)
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x, with B = 0 at init so the adapted model starts as the base
+    (Hu et al. 2021). `enabled = False` gives back the base layer: the GRPO reference model."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, init: str = "gaussian"):
+        super().__init__()
+        self.base, self.r, self.scale, self.enabled = base, r, alpha / r, True
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=torch.float32))
+        if init == "gaussian":  # peft's "gaussian": A ~ N(0, 1/r)
+            nn.init.normal_(self.lora_A, std=1 / r)
+        else:  # peft's default: kaiming-uniform A
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """A new nn.Linear with W + scale * B A (the base layer itself is left untouched)."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
+                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        out.weight.copy_(self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype))
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out
+
+
+def inject_lora(module: nn.Module, target_names: list[str], r: int, alpha: float, init: str = "gaussian") -> list[str]:
+    """Wrap every nn.Linear whose dotted name ends with one of `target_names` (q_proj, to_out.0); returns
+    the dotted names wrapped. Base weights are frozen; only A and B train."""
+    wrapped = []
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_names):
+            child.requires_grad_(False)
+            _set_child(module, name, LoRALinear(child, r, alpha, init))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"inject_lora: no nn.Linear named any of {target_names} in {type(module).__name__}")
+    return wrapped
+
+
+def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def lora_disabled(module: nn.Module):
+    """The reference policy of GRPO is the same network with its adapters off: no second copy."""
+    layers = lora_layers(module).values()
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+def _set_child(module: nn.Module, dotted: str, child: nn.Module):
+    parent, _, name = dotted.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, name, child)
+
+
+def merge_lora(module: nn.Module):
+    """Fold every adapter into its base weight and remove the wrappers."""
+    for name, m in lora_layers(module).items():
+        _set_child(module, name, m.merged())
+
+
+@contextlib.contextmanager
+def lora_merged(module: nn.Module):
+    """Temporarily swap adapters for merged plain Linears, so save_pretrained writes the standard layout."""
+    layers = lora_layers(module)
+    for name, m in layers.items():
+        _set_child(module, name, m.merged())
+    try:
+        yield
+    finally:
+        for name, m in layers.items():
+            _set_child(module, name, m)
+
+
+def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.lora_{ab}": getattr(m, f"lora_{ab}").detach().cpu().contiguous()
+            for name, m in lora_layers(module).items() for ab in "AB"}
+
+
+def save_lora(module: nn.Module, directory: str, r: int, alpha: float, target_names: list[str], base_path: str = ""):
+    """Two layouts: ours (`lora.safetensors`, our module names) and peft's (`adapter_config.json` +
+    `adapter_model.safetensors` with `base_model.model.<name>.lora_A.weight` keys), so the wider
+    ecosystem can load the adapter onto the base model."""
+    ours = lora_state_dict(module)
+    os.makedirs(directory, exist_ok=True)
+    save_file(ours, os.path.join(directory, "lora.safetensors"))
+    peft = {f"base_model.model.{k.rsplit('.lora_', 1)[0]}.lora_{k[-1]}.weight": v for k, v in ours.items()}
+    save_file(peft, os.path.join(directory, "adapter_model.safetensors"))
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+                   "target_modules": sorted(target_names), "bias": "none", "fan_in_fan_out": False,
+                   "base_model_name_or_path": base_path, "init_lora_weights": "gaussian"}, f, indent=1)
+
+
+def load_lora(module: nn.Module, directory: str):
+    state = load_file(os.path.join(directory, "lora.safetensors"))
+    layers = lora_layers(module)
+    for key, value in state.items():
+        name, ab = key.rsplit(".lora_", 1)
+        if name not in layers:
+            raise KeyError(f"{directory}/lora.safetensors: adapter for '{name}' but the model has no LoRA layer there")
+        getattr(layers[name], f"lora_{ab}").data.copy_(value)
+
+
+# ============================================================================ the auto-encoder
+
+LLM_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all linears of the text model (DESIGN §3)
+DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]  # joint attention (Flow-GRPO)
+PAPER_CAPTION_PROMPT = "Given an input image, generate a textual description of the image."  # released UAE inference
+
+
+@dataclass
+class Captions:
+    """G sampled captions per image, image-major (rows g*... of one image are consecutive)."""
+    prompt: dict  # processor outputs for the N = B*G rows (images repeated G times)
+    ids: torch.Tensor  # (N, L) completion token ids, pad after the first eos
+    mask: torch.Tensor  # (N, L) 1 up to and including the first eos
+    logp: torch.Tensor  # (N, L) fp32 log-probs of the sampled tokens under logits / temperature
+    texts: list[str]
+
+
+def to_uint8_images(images) -> list[np.ndarray]:
+    """(N, 3, H, W) uint8 or float-in-[0, 1] tensors, or a list of (H, W, 3) uint8 arrays -> list of HWC uint8."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return list(images.permute(0, 2, 3, 1).cpu().numpy())
+    return [np.asarray(im) for im in images]
+
+
+def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample=None, generator=None):
+    """One Flow-GRPO SDE step (Liu et al. 2025, eq. 9), the reverse-time SDE with the same marginals as
+    the rectified-flow ODE. dt = sigma_next - sigma < 0, std_t = a * sqrt(sigma / (1 - sigma)):
+        mean = x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] dt,   x' = mean + std_t sqrt(-dt) z
+    Returns (x', log N(x' | mean, (std_t sqrt(-dt))^2) averaged over dimensions, mean, std_t).
+    At noise_level 0 this is exactly the Euler ODE step. Pass prev_sample to score a stored x'."""
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    sigma, sigma_next = sigma.float().view(shape), sigma_next.float().view(shape)
+    x, v, dt = x.float(), v.float(), sigma_next - sigma
+    # sigma = 1 would divide by zero; Flow-GRPO uses the first sigma below 1 there
+    std_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma >= 1, sigma_max, sigma)))
+    mean = x + (v + std_t ** 2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
+    step_std = std_t * torch.sqrt(-dt)
+    if prev_sample is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        prev_sample = mean + step_std * noise
+    if noise_level == 0:
+        return prev_sample, None, mean, std_t
+    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * step_std ** 2) - torch.log(step_std)
+                - 0.5 * math.log(2 * math.pi))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, std_t
+
+
+def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled_dim=32):
+    """An SD3 MM-DiT sized for the VAE's latent grid (shapes scale)."""
+    from diffusers import SD3Transformer2DModel
+    latent = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    return SD3Transformer2DModel(
+        sample_size=latent, patch_size=patch, in_channels=vae.config.latent_channels, num_layers=layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_dim,
+        out_channels=vae.config.latent_channels, pos_embed_max_size=latent // patch)
+
+
+class UAE(nn.Module):
+    """LLM (Qwen2.5-VL) + projector + MM-DiT (SD3) + VAE, with the flow-matching scheduler."""
+
+    def __init__(self, llm, processor, transformer, vae, scheduler, projector_hidden: int, pooled: torch.Tensor,
+                 max_text_tokens: int, caption_prompt: str, sources: dict | None = None):
+        super().__init__()
+        self.llm, self.processor, self.transformer, self.vae, self.scheduler = llm, processor, transformer, vae, scheduler
+        self.tokenizer = processor.tokenizer
+        h, d = llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
+        # DESIGN §3: Linear(h, 8192) -> GELU -> Linear(8192, 4096) into encoder_hidden_states
+        self.projector = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(), nn.Linear(projector_hidden, d))
+        self.register_buffer("pooled", pooled.reshape(1, -1).float())  # constant pooled_projections
+        self.max_text_tokens, self.caption_prompt = max_text_tokens, caption_prompt
+        self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
+        self.lora = {}  # part -> {"r", "alpha", "targets"} for adapters injected into llm / transformer
+        # A caption may not contain image/vision/chat-control tokens (an image pad in a completion would
+        # break the teacher-forced forward); eos stays allowed. Applied to sampling and scoring alike.
+        self.banned_token_ids = sorted(set(self.tokenizer.all_special_ids) - {self.tokenizer.eos_token_id})
+        vae.requires_grad_(False)
+
+    @property
+    def device(self):
+        return self.pooled.device
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def build_tiny(cls, processor, vae, llm_hidden=128, llm_layers=3, llm_heads=4, llm_kv_heads=2, vision_hidden=64,
+                   vision_layers=2, dit_layers=4, dit_heads=4, dit_head_dim=32, dit_patch=2, joint_dim=128,
+                   projector_hidden=512, max_text_tokens=64, caption_prompt="describe this image in detail.", shift=1.0):
+        """The shapes-world model: the real Qwen2.5-VL / SD3 classes at a few million parameters."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        tok, ip = processor.tokenizer, processor.image_processor
+        ids = tok.convert_tokens_to_ids
+        head_dim = llm_hidden // llm_heads
+        llm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=llm_hidden, intermediate_size=3 * llm_hidden,
+                             num_hidden_layers=llm_layers, num_attention_heads=llm_heads, num_key_value_heads=llm_kv_heads,
+                             max_position_embeddings=1024, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id,
+                             # M-RoPE splits the rotary half-dim into (time, height, width) sections
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]}),
+            vision_config=dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                               num_heads=max(1, vision_hidden // 32), patch_size=ip.patch_size,
+                               spatial_merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size,
+                               out_hidden_size=llm_hidden, window_size=ip.patch_size * ip.merge_size * 4,
+                               fullatt_block_indexes=[vision_layers - 1]),
+            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+            tie_word_embeddings=True))
+        transformer = tiny_dit(vae, dit_layers, dit_heads, dit_head_dim, dit_patch, joint_dim)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        # no CLIP text encoders at this scale: the constant pooled projection is zeros
+        return cls(llm, processor, transformer, vae, scheduler, projector_hidden, torch.zeros(32),
+                   max_text_tokens, caption_prompt)
+
+    def replace_decoder(self, transformer, projector_hidden: int):
+        """A fresh DiT + projector (pretrain_decoder at the shapes scale sizes its own decoder)."""
+        self.transformer = transformer.to(self.device)
+        h, d = self.llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
+        self.projector = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(), nn.Linear(projector_hidden, d)).to(self.device)
+        self.sources.pop("transformer", None)
+
+    @classmethod
+    def from_pretrained(cls, qwen_dir: str, sd3_dir: str, dtype=torch.bfloat16, projector_hidden=8192,
+                        max_text_tokens=512, caption_prompt=PAPER_CAPTION_PROMPT):
+        """Paper scale: Qwen2.5-VL-3B-Instruct and an SD3(.5) diffusers pipeline directory, from disk.
+        The pooled projection is SD3's CLIP-L + CLIP-G pooled embedding of the empty string, computed
+        once here with the pipeline's text encoders, which are then freed (DESIGN §3)."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        for path in (qwen_dir, sd3_dir):
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"no such checkpoint directory: {path}")
+        llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(qwen_dir)
+        # cast explicitly: without accelerate diffusers may keep fp32 weights despite dtype= (DESIGN §10)
+        transformer = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer", torch_dtype=dtype,
+                                                            low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(sd3_dir, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+        transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_dir, subfolder="scheduler")
+        pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, transformer=None, vae=None, text_encoder_3=None,
+                                                        tokenizer_3=None, torch_dtype=dtype)
+        with torch.no_grad():
+            pooled = pipe.encode_prompt("", "", None, do_classifier_free_guidance=False)[2].float()
+        del pipe
+        sources = {"llm": qwen_dir, "processor": qwen_dir, "transformer": os.path.join(sd3_dir, "transformer"),
+                   "vae": os.path.join(sd3_dir, "vae"), "scheduler": os.path.join(sd3_dir, "scheduler")}
+        return cls(llm, processor, transformer, vae, scheduler, projector_hidden, pooled[0], max_text_tokens,
+                   caption_prompt, sources)
+
+    # ------------------------------------------------------------------ our checkpoints
+
+    PARTS = ("llm", "processor", "transformer", "vae", "scheduler")
+
+    def save(self, directory: str, trained=PARTS):
+        """Write the `trained` parts in their standard layouts (adapters merged), the projector and
+        pooled vector as safetensors, and model.json naming where every other part lives, so a stage
+        re-saves only what it changed. Adapters are also written on their own (ours + peft layout)."""
+        parts = {}
+        for part in self.PARTS:
+            if part in trained:
+                obj = getattr(self, part)
+                with lora_merged(obj) if isinstance(obj, nn.Module) else contextlib.nullcontext():
+                    obj.save_pretrained(os.path.join(directory, part))
+                parts[part] = part
+            elif part in self.sources:
+                parts[part] = os.path.abspath(self.sources[part])
+            else:
+                raise ValueError(f"UAE.save: part '{part}' was built in memory and must be in trained={trained}")
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projector.state_dict().items()} |
+                  {"pooled": self.pooled.cpu()}, os.path.join(directory, "projector.safetensors"))
+        for part, spec in self.lora.items():
+            save_lora(getattr(self, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"],
+                      spec["targets"], parts[part])
+        with open(os.path.join(directory, "model.json"), "w") as f:
+            json.dump({"parts": parts, "projector_hidden": self.projector[0].out_features,
+                       "max_text_tokens": self.max_text_tokens, "caption_prompt": self.caption_prompt}, f, indent=1)
+
+    @classmethod
+    def load(cls, directory: str, dtype=torch.float32):
+        """Load a checkpoint written by save(); adapters arrive merged into their parts."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        meta_path = os.path.join(directory, "model.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{meta_path}: not a UAE checkpoint (no model.json)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        paths = {part: os.path.join(directory, p) for part, p in meta["parts"].items()}
+        for part, path in paths.items():
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
+        llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
+        processor = AutoProcessor.from_pretrained(paths["processor"])
+        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], torch_dtype=dtype, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype, low_cpu_mem_usage=False)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
+        weights = load_file(os.path.join(directory, "projector.safetensors"))
+        pooled = weights.pop("pooled")
+        # without accelerate, diffusers may keep fp32 weights despite torch_dtype (DESIGN §10): cast explicitly
+        transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
+        model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
+                    meta["max_text_tokens"], meta["caption_prompt"], paths)
+        model.projector.load_state_dict(weights)
+        return model
+
+    def add_lora(self, part: str, r: int, alpha: float, targets: list[str], init: str = "gaussian") -> list[nn.Parameter]:
+        """Inject adapters into the LLM's text model or the DiT; returns the trainable parameters."""
+        module = self.llm.model.language_model if part == "llm" else self.transformer
+        inject_lora(module, targets, r, alpha, init)
+        self.lora[part] = {"r": r, "alpha": alpha, "targets": list(targets)}
+        return [p for m in lora_layers(module).values() for p in (m.lora_A, m.lora_B)]
+
+    # ------------------------------------------------------------------ understanding: image -> caption
+
+    def caption_inputs(self, images, num_samples: int = 1) -> dict:
+        """Processor inputs for the caption prompt, each image repeated num_samples times (left-padded)."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.caption_prompt}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        images = [im for im in to_uint8_images(images) for _ in range(num_samples)]
+        batch = self.processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True,
+                               padding_side="left")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def completion_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """1 for every token up to and including the first eos (the tokens the policy chose)."""
+        is_eos = ids == self.tokenizer.eos_token_id
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+        return (~after_eos).long()
+
+    @torch.no_grad()
+    def caption(self, images, num_samples: int = 1, temperature: float = 0.7, max_new_tokens: int = 64,
+                greedy: bool = False) -> Captions:
+        """G = num_samples captions per image from one batched generate. Sampling is plain softmax(logits / T)
+        (no top-k / top-p), so the returned log-probs are exactly those of the sampling distribution."""
+        prompt = self.caption_inputs(images, num_samples)
+        out = self.llm.generate(**prompt, do_sample=not greedy, temperature=temperature if not greedy else None,
+                                top_k=None, top_p=None, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
+                                output_logits=True, pad_token_id=self.tokenizer.pad_token_id,
+                                eos_token_id=self.tokenizer.eos_token_id, suppress_tokens=self.banned_token_ids)
+        ids = out.sequences[:, prompt["input_ids"].shape[1]:]
+        logp = self.token_logprobs(torch.stack(out.logits, 1), ids, temperature)
+        mask = self.completion_mask(ids)
+        logp = torch.where(mask.bool(), logp, 0.0)  # pads after eos are banned tokens: -inf, not chosen
+        texts = self.tokenizer.batch_decode(ids * mask + self.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+        return Captions(prompt, ids, mask, logp, [t.strip() for t in texts])
+
+    def caption_logprobs(self, prompt: dict, ids: torch.Tensor, temperature: float = 0.7) -> torch.Tensor:
+        """Teacher-forced (N, L) fp32 log-probs of completion `ids` after `prompt` (gradients on)."""
+        n_prompt, n_new = prompt["input_ids"].shape[1], ids.shape[1]
+        inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], ids], 1),
+                      attention_mask=torch.cat([prompt["attention_mask"], torch.ones_like(ids)], 1))
+        if "mm_token_type_ids" in prompt:
+            inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+        return self.token_logprobs(self.llm(**inputs, logits_to_keep=n_new + 1).logits[:, :-1], ids, temperature)
+
+    def token_logprobs(self, logits, ids, temperature: float) -> torch.Tensor:
+        """log softmax(logits / T) at the chosen ids, in fp32, over the allowed vocabulary."""
+        logits = logits.float() / temperature
+        logits[..., self.banned_token_ids] = -torch.inf
+        return logits.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+    # ------------------------------------------------------------------ generation: caption -> image
+
+    def text_hidden_states(self, texts: list[str]) -> torch.Tensor:
+        """Last-layer LLM hidden states of every token of a `generate`-role chat turn holding the caption,
+        padded to max_text_tokens (fixed, like SD3's T5 sequence, so a caption's conditioning never
+        depends on what else is in the batch)."""
+        chats = [self.tokenizer.apply_chat_template([{"role": "generate", "content": t}], tokenize=False) for t in texts]
+        enc = self.tokenizer(chats, padding="max_length", max_length=self.max_text_tokens, truncation=True,
+                             return_tensors="pt", padding_side="right").to(self.device)
+        return self.llm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+
+    def condition(self, texts: list[str]) -> torch.Tensor:
+        """Caption -> DiT encoder_hidden_states (B, max_text_tokens, joint_attention_dim)."""
+        return self.projector(self.text_hidden_states(texts))
+
+    def velocity(self, latents, sigma, cond):
+        """Rectified-flow velocity v = eps - x0 predicted by the DiT (SD3 timestep = 1000 sigma)."""
+        sigma = sigma.expand(latents.shape[0]) if sigma.dim() == 0 else sigma
+        return self.transformer(hidden_states=latents, encoder_hidden_states=cond,
+                                pooled_projections=self.pooled.expand(latents.shape[0], -1).to(cond.dtype),
+                                timestep=sigma * 1000).sample
+
+    def guided_velocity(self, latents, sigma, cond, negative, cfg_scale: float):
+        """Classifier-free guidance: v_neg + s (v_cond - v_neg), one batched forward."""
+        if cfg_scale == 1.0:
+            return self.velocity(latents, sigma, cond)
+        v_cond, v_neg = self.velocity(torch.cat([latents, latents]), sigma, torch.cat([cond, negative])).chunk(2)
+        return v_neg + cfg_scale * (v_cond - v_neg)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The scheduler's sigma schedule (with its shift), steps + 1 values from ~1 down to 0."""
+        self.scheduler.set_timesteps(steps)
+        return self.scheduler.sigmas.float().to(self.device)
+
+    def latent_shape(self, n: int) -> tuple:
+        c = self.transformer.config
+        return (n, c.in_channels, c.sample_size, c.sample_size)
+
+    def negative_condition(self, n: int, negative_prompt: str = "") -> torch.Tensor:
+        return self.condition([negative_prompt]).expand(n, -1, -1)
+
+    def sample_ode(self, cond, steps: int = 20, cfg_scale: float = 1.0, negative=None, generator=None, noise=None):
+        """Euler ODE sampler of the rectified flow: x <- x + (sigma' - sigma) v. Returns latents."""
+        x = noise if noise is not None else torch.randn(self.latent_shape(cond.shape[0]), generator=generator,
+                                                        device=self.device)
+        sigmas = self.sigmas(steps)
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            v = self.guided_velocity(x.to(cond.dtype), sigma, cond, negative, cfg_scale).float()
+            x = x.float() + (sigma_next - sigma) * v
+        return x
+
+    def sample_sde(self, cond, steps: int = 10, cfg_scale: float = 1.0, negative=None, noise_level: float = 0.7,
+                   generator=None):
+        """Flow-GRPO sampler: SDE steps that record each step's Gaussian log-prob and mean; the last
+        step (sigma -> 0) is a plain Euler step, neither noisy nor trained. Returns a dict with
+        latents (B, steps+1, ...), log_probs (B, steps-1), means (B, steps-1, ...) and sigmas."""
+        x = torch.randn(self.latent_shape(cond.shape[0]), generator=generator, device=self.device)
+        sigmas = self.sigmas(steps)
+        latents, log_probs, means = [x], [], []
+        for i in range(steps):
+            v = self.guided_velocity(x.to(cond.dtype), sigmas[i], cond, negative, cfg_scale).float()
+            if i == steps - 1:
+                x = x + (sigmas[i + 1] - sigmas[i]) * v
+            else:
+                x, log_prob, mean, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigmas[1], generator=generator)
+                log_probs.append(log_prob)
+                means.append(mean)
+            latents.append(x)
+        return {"latents": torch.stack(latents, 1), "log_probs": torch.stack(log_probs, 1),
+                "means": torch.stack(means, 1), "sigmas": sigmas}
+
+    def encode_images(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Images in [0, 1] (or uint8) -> DiT latents z = (vae latent - shift) * scale (SD3 convention)."""
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        dist_ = self.vae.encode((2 * x - 1).to(self.device, self.vae.dtype)).latent_dist
+        z = dist_.sample(generator) if sample else dist_.mode()
+        c = self.vae.config
+        return (z.float() - (c.shift_factor or 0.0)) * c.scaling_factor
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """DiT latents -> images in [0, 1], float (B, 3, H, W)."""
+        c = self.vae.config
+        x = self.vae.decode((z / c.scaling_factor + (c.shift_factor or 0.0)).to(self.vae.dtype)).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def generate(self, texts: list[str], steps: int = 20, cfg_scale: float = 1.0, negative_prompt: str = "",
+                 generator=None) -> torch.Tensor:
+        """Text -> images in [0, 1]: condition, Euler ODE, VAE decode."""
+        cond = self.condition(texts)
+        negative = self.negative_condition(len(texts), negative_prompt) if cfg_scale != 1.0 else None
+        return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))

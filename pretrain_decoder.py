@@ -1,0 +1,194 @@
+"""Stage 2: flow-matching pretraining of projector + MM-DiT on LONG captions, the LLM frozen.
+
+The decoder learns to turn the LLM's hidden states of a `generate`-role caption into an image; the
+paper pretrains it on 700K long captions so it can follow fine-grained text (DESIGN §4.2).
+
+    python pretrain_decoder.py
+    torchrun --standalone --nproc_per_node=2 pretrain_decoder.py
+    torchrun --nproc_per_node=8 pretrain_decoder.py config/paper_pretrain_decoder.py
+
+Loss: SD3's rectified flow. x_t = (1 - s) x0 + s eps with s = sigmoid(u), u ~ N(0, 1) (logit-normal
+timesteps, Esser et al. 2024 §3.1), target v = eps - x0, plain MSE. Captions are replaced by the empty
+string with probability cond_dropout so the same network gives the unconditional velocity for CFG.
+The checkpoint holds the EMA weights (what sampling uses); the raw weights sit in training_state.pt.
+"""
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import model as M
+import shapes
+from configurator import configure
+from data import load_images, read_jsonl
+
+config = dict(
+    data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
+    init_from="out/pretrain_encoder",  # UAE checkpoint whose LLM conditions the decoder
+    out_dir="out/pretrain_decoder",  # checkpoint directory
+    resume=True,  # continue from out_dir if it holds an unfinished run
+    cache_features=True,  # precompute VAE latents and frozen-LLM hidden states once (shapes scale)
+    new_decoder=True,  # build a fresh DiT + projector of the sizes below (shapes); False keeps init_from's (paper)
+    dit_layers=6,  # MM-DiT joint blocks
+    dit_heads=6,  # attention heads
+    dit_head_dim=32,  # width per head (DiT width = heads x head_dim)
+    dit_patch=2,  # latent patch size
+    joint_dim=192,  # projector output = DiT encoder_hidden_states width
+    projector_hidden=512,  # projector MLP width (paper: 8192)
+    # optimisation
+    max_steps=1500,  # optimizer steps
+    batch_size=64,  # global batch (split over ranks)
+    lr=5e-4,  # AdamW peak learning rate
+    warmup=100,  # linear warmup steps
+    weight_decay=0.0,  # AdamW weight decay
+    grad_clip=1.0,  # max gradient norm
+    cond_dropout=0.1,  # P(caption -> "") so CFG has an unconditional branch
+    ema_decay=0.995,  # EMA of projector + DiT weights, used for sampling and saved
+    # evaluation / logging
+    eval_interval=500,  # steps between GenEval-shapes probes
+    eval_n=100,  # val captions per probe
+    sample_steps=20,  # Euler steps when probing
+    cfg_scale=3.0,  # guidance when probing
+    log_interval=50,  # steps between log lines
+    save_interval=500,  # steps between checkpoints
+    device="auto",  # auto = cuda if available else cpu
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    seed=1337,  # base seed (+ rank)
+    threads=0,  # torch CPU threads (0 = default)
+)
+
+
+@torch.no_grad()
+def text_features(model, rt, texts, batch=256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch):
+        with rt.autocast():
+            out.append(model.text_hidden_states(texts[i:i + batch]).to(torch.bfloat16).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def latents_of(model, images, batch=256) -> torch.Tensor:
+    return torch.cat([model.encode_images(images[i:i + batch].to(model.device)).cpu() for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def probe(model, rt, captions, scenes, cfg, generator) -> dict:
+    images = []
+    for i in range(0, len(captions), 50):
+        with rt.autocast():
+            images.append(model.generate(captions[i:i + 50], cfg.sample_steps, cfg.cfg_scale, generator=generator))
+    return shapes.generation_report(torch.cat(images), scenes)
+
+
+def main(argv=None):
+    cfg = configure(config, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
+    if state is not None and state["finished"]:
+        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+        return
+    model = M.UAE.load(cfg.init_from).to(rt.device)
+    if cfg.new_decoder:
+        model.replace_decoder(M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch,
+                                         cfg.joint_dim, model.pooled.numel()), cfg.projector_hidden)
+    model.llm.requires_grad_(False).eval()
+    trained = [model.projector, model.transformer]
+    params = [p for m in trained for p in m.parameters()]
+    ema = copy.deepcopy(trained)
+    for m in ema:
+        m.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    step = 0
+    if state is not None:
+        for m, e, raw, smooth in zip(trained, ema, state["raw"], state["ema"]):
+            m.load_state_dict(raw)
+            e.load_state_dict(smooth)
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        step = state["step"]
+        rt.print(f"resumed from {cfg.out_dir} at step {step}")
+    rt.print(f"decoder: projector {sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M + "
+             f"DiT {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M trainable parameters")
+    # ---- data
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
+    captions = [r["caption"] for r in train]
+    val_captions, val_scenes = [r["caption"] for r in val], [shapes.scene_from_json(r["scene"]) for r in val]
+    images = load_images(train)
+    t0 = time.time()
+    if cfg.cache_features:  # the LLM and VAE are frozen: their outputs are fixed, compute them once
+        latents, hidden = latents_of(model, images), text_features(model, rt, captions)
+        rt.print(f"cached {tuple(latents.shape)} latents and {tuple(hidden.shape)} text states in {time.time() - t0:.0f}s")
+    empty = text_features(model, rt, [""])
+    local_batch = cfg.batch_size // rt.world_size
+    eval_gen = torch.Generator(device=rt.device)
+    # ---- loop
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_decoder")
+    t_log = time.time()
+    while step < cfg.max_steps:
+        lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(train), (local_batch,))
+        if cfg.cache_features:
+            x0, h = latents[idx].to(rt.device), hidden[idx].to(rt.device)
+        else:
+            with torch.no_grad(), rt.autocast():
+                x0, h = model.encode_images(images[idx]), model.text_hidden_states([captions[i] for i in idx.tolist()])
+        drop = torch.rand(local_batch) < cfg.cond_dropout
+        h = torch.where(drop.view(-1, 1, 1).to(rt.device), empty.to(rt.device, h.dtype), h)
+        sigma = torch.sigmoid(torch.randn(local_batch, device=rt.device))  # logit-normal timesteps
+        shift = model.scheduler.config.shift  # the same resolution shift the sampler's schedule uses
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        with rt.autocast():
+            v = model.velocity(x_t, sigma, model.projector(h))
+        loss = F.mse_loss(v.float(), noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        M.all_reduce_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for m, e in zip(trained, ema):
+                for p, q in zip(m.parameters(), e.parameters()):
+                    q.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_interval == 0:
+            loss_avg = M.all_reduce_mean(loss.detach()).item()
+            dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
+            rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms elapsed {time.time() - t0:.0f}s")
+        last = step == cfg.max_steps
+        if rt.master and (step % cfg.eval_interval == 0 or step % cfg.save_interval == 0 or last):
+            raw = [copy.deepcopy(m.state_dict()) for m in trained]
+            for m, e in zip(trained, ema):  # sample and save with the EMA weights
+                m.load_state_dict(e.state_dict())
+            if step % cfg.eval_interval == 0 or last:
+                model.eval()
+                eval_gen.manual_seed(cfg.seed)
+                report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen)
+                rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
+                model.train()
+            if step % cfg.save_interval == 0 or last:
+                M.save_checkpoint(cfg.out_dir, model, ("projector", "transformer"), opt, step, vars(cfg), last,
+                                  {"raw": raw, "ema": [e.state_dict() for e in ema]})
+            for m, r in zip(trained, raw):
+                m.load_state_dict(r)
+    bar.close()
+    rt.print(f"done: {step} steps in {time.time() - t0:.0f}s")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,177 @@
+"""Stage 1 (shapes scale): captioning SFT of the Qwen2.5-VL encoder on the world's SHORT captions.
+
+The result is the base captioner: like a VLM pretrained on web alt-text, it names the big things and
+mostly omits small ones (DESIGN §4.1, §6). At the paper scale the VLM is already pretrained and this
+stage is optional (init_from=<UAE checkpoint from UAE.from_pretrained> runs it as plain SFT).
+
+    python pretrain_encoder.py
+    torchrun --standalone --nproc_per_node=2 pretrain_encoder.py --batch_size=64
+
+Loss: cross-entropy on the caption tokens only (and the closing <|im_end|>), image and prompt masked.
+Writes out_dir/ (a complete UAE checkpoint: the tiny DiT is still untrained) with training state.
+"""
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import model as M
+import shapes
+from configurator import configure
+from data import load_images, read_jsonl
+
+config = dict(
+    data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
+    caption_field="short_caption",  # which caption to imitate: the world's under-describing alt-text
+    out_dir="out/pretrain_encoder",  # checkpoint directory
+    init_from="scratch",  # "scratch" builds the tiny model; otherwise a UAE checkpoint directory
+    tokenizer_dir="data/shapes/tokenizer",  # the world's tokenizer (scratch only)
+    vae_dir="data/shapes/vae",  # the world's VAE (scratch only; sizes the DiT)
+    resume=True,  # continue from out_dir if it holds an unfinished run
+    # model size (scratch only)
+    llm_hidden=128,  # LLM width
+    llm_layers=3,  # LLM depth
+    llm_heads=4,  # attention heads (head dim 32)
+    vision_hidden=64,  # ViT width
+    vision_layers=2,  # ViT depth
+    # optimisation
+    max_steps=1200,  # optimizer steps
+    batch_size=64,  # global batch (split over ranks)
+    lr=2e-3,  # AdamW peak learning rate
+    warmup=100,  # linear warmup steps
+    weight_decay=0.05,  # AdamW weight decay on matrices
+    grad_clip=1.0,  # max gradient norm
+    # evaluation / logging
+    eval_interval=400,  # steps between val probes (greedy captions, oracle metrics)
+    eval_n=200,  # val images per probe
+    log_interval=50,  # steps between log lines
+    save_interval=400,  # steps between checkpoints
+    max_new_tokens=48,  # caption length cap when probing
+    device="auto",  # auto = cuda if available else cpu
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    seed=1337,  # base seed (+ rank)
+    threads=0,  # torch CPU threads (0 = default)
+)
+
+
+def build_processor(tokenizer_dir: str):
+    """The Qwen2.5-VL processor with the world's tokenizer: 64x64 images -> 8x8 patches of 8 px,
+    merged 2x2 -> 16 image tokens."""
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")):
+        raise FileNotFoundError(f"{tokenizer_dir}/tokenizer.json missing: run python data/shapes/prepare.py")
+    sizes = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64, max_pixels=64 * 64)
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
+                               video_processor=Qwen2VLVideoProcessor(**sizes),
+                               tokenizer=PreTrainedTokenizerFast.from_pretrained(tokenizer_dir),
+                               chat_template=shapes.CHAT_TEMPLATE)
+
+
+def caption_ids(model, texts: list[str]) -> torch.Tensor:
+    """Assistant-turn targets: caption + <|im_end|>, right-padded with the pad token."""
+    tok = model.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, rows))
+    return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
+
+
+@torch.no_grad()
+def probe(model, rt, images, scenes, max_new_tokens) -> dict:
+    model.eval()
+    texts = []
+    for i in range(0, len(images), 64):
+        with rt.autocast():
+            texts += model.caption(images[i:i + 64], greedy=True, max_new_tokens=max_new_tokens).texts
+    model.train()
+    return shapes.caption_report(texts, scenes) | {"example": texts[0]}
+
+
+def main(argv=None):
+    cfg = configure(config, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
+    if state is not None and state["finished"]:
+        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+        return
+    # ---- model
+    if state is not None:
+        model = M.UAE.load(cfg.out_dir)
+    elif cfg.init_from == "scratch":
+        from diffusers import AutoencoderKL
+        model = M.UAE.build_tiny(build_processor(cfg.tokenizer_dir), AutoencoderKL.from_pretrained(cfg.vae_dir),
+                                 llm_hidden=cfg.llm_hidden, llm_layers=cfg.llm_layers, llm_heads=cfg.llm_heads,
+                                 vision_hidden=cfg.vision_hidden, vision_layers=cfg.vision_layers,
+                                 caption_prompt=shapes.CAPTION_PROMPT)
+    else:
+        model = M.UAE.load(cfg.init_from)
+    model.to(rt.device).train()
+    params = list(model.llm.parameters())
+    n_params = sum(p.numel() for p in params)
+    rt.print(f"encoder: {n_params / 1e6:.2f}M trainable parameters (Qwen2.5-VL architecture)")
+    matrices = [p for p in params if p.ndim >= 2]
+    vectors = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
+                             {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        step = state["step"]
+        rt.print(f"resumed from {cfg.out_dir} at step {step}")
+    # ---- data
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
+    for r in train:
+        if not r.get(cfg.caption_field, "").strip():
+            raise ValueError(f"{r['where']}: missing or empty \"{cfg.caption_field}\"")
+    train_images = load_images(train)
+    val_images, val_scenes = load_images(val), [shapes.scene_from_json(r["scene"]) for r in val]
+    local_batch = cfg.batch_size // rt.world_size
+    # ---- loop
+    t0, flops_t0 = time.time(), time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_encoder")
+    while step < cfg.max_steps:
+        lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(train), (local_batch,))
+        ids = caption_ids(model, [train[i][cfg.caption_field] for i in idx.tolist()])
+        with rt.autocast():
+            prompt = model.caption_inputs(train_images[idx])
+            logp = model.caption_logprobs(prompt, ids, temperature=1.0)
+        mask = ids != model.tokenizer.pad_token_id
+        loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        M.all_reduce_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_interval == 0:
+            loss_avg = M.all_reduce_mean(loss.detach()).item()
+            dt = (time.time() - flops_t0) / cfg.log_interval
+            flops_t0 = time.time()
+            rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms "
+                     f"elapsed {time.time() - t0:.0f}s")
+        if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+            if rt.master:
+                report = probe(model, rt, val_images, val_scenes, cfg.max_new_tokens)
+                rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "example")
+                         + f" | {report['example']}")
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            if rt.master:
+                M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg), finished=step == cfg.max_steps)
+    bar.close()
+    rt.print(f"done: {step} steps in {time.time() - t0:.0f}s")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
