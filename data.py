@@ -57,3 +57,29 @@ def load_image(record: dict, size: int | None = None) -> np.ndarray:
 def load_images(records: list[dict], size: int | None = None) -> torch.Tensor:
     """All images of `records` as one (N, 3, H, W) uint8 tensor (the shapes world fits in memory)."""
     return torch.from_numpy(np.stack([load_image(r, size) for r in records])).permute(0, 3, 1, 2).contiguous()
+
+
+def save_grid(rows: list[tuple], path: str, text_width: int = 320):
+    """A PNG a person can look at: one row per example, images (uint8 HWC or float CHW tensors)
+    side by side, each followed by its caption when the row holds (image, caption) pairs."""
+    from PIL import ImageDraw
+    from shapes import to_uint8_hwc
+    cells = [[c if isinstance(c, str) else Image.fromarray(to_uint8_hwc(c)) for c in row] for row in rows]
+    size = max(c.size[0] for row in cells for c in row if not isinstance(c, str))
+    widths = [text_width if isinstance(c, str) else size for c in cells[0]]
+    canvas = Image.new("RGB", (sum(widths), size * len(cells)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(cells):
+        x = 0
+        for c, w in zip(row, widths):
+            if isinstance(c, str):  # wrap the caption into the text column
+                words, lines = c.split(), [""]
+                for word in words:
+                    lines[-1] = (lines[-1] + " " + word).strip() if draw.textlength(lines[-1] + " " + word) < w - 8 else lines[-1]
+                    if not lines[-1].endswith(word):
+                        lines.append(word)
+                draw.multiline_text((x + 4, r * size + 2), "\n".join(lines), fill="black", spacing=1)
+            else:
+                canvas.paste(c.resize((size, size)), (x, r * size))
+            x += w
+    canvas.save(path)

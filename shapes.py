@@ -187,12 +187,14 @@ def classify_blob(pixels: np.ndarray) -> tuple[str, str]:
 
 
 def to_uint8_hwc(image) -> np.ndarray:
-    """Accept (H, W, 3) uint8 arrays or (3, H, W) float tensors/arrays in [0, 1]."""
+    """Accept (H, W, 3) uint8 arrays or (3, H, W) tensors/arrays, uint8 or float in [0, 1]."""
     if hasattr(image, "detach"):
-        image = image.detach().float().cpu().numpy()
+        image = image.detach().cpu().numpy()
     image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = np.moveaxis(image, 0, -1)
     if image.dtype != np.uint8:
-        image = np.clip(np.round(np.moveaxis(image, 0, -1) * 255), 0, 255).astype(np.uint8)
+        image = np.clip(np.round(image.astype(np.float32) * 255), 0, 255).astype(np.uint8)
     return image
 
 

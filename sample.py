@@ -1,0 +1,73 @@
+"""Look at a UAE checkpoint: I2T (caption images), T2I (images from text), I2I (reconstruct an
+image through its own caption: the auto-encoder round trip, DESIGN §1).
+
+    python sample.py --ckpt=out/pretrain_decoder --mode=i2i --n=8
+    python sample.py --ckpt=out/pretrain_decoder --mode=t2i --prompt="a large red circle at the center."
+    python sample.py --ckpt=out/pretrain_encoder --mode=i2t --data=data/shapes/val.jsonl
+
+Writes PNGs and grid.png (source | caption | reconstruction) into out_dir, prints the captions.
+"""
+import os
+import sys
+
+import torch
+from PIL import Image
+
+import model as M
+from configurator import configure
+from data import load_images, read_jsonl, save_grid
+from shapes import to_uint8_hwc
+
+config = dict(
+    ckpt="out/pretrain_decoder",  # UAE checkpoint directory
+    mode="i2i",  # i2t | t2i | i2i
+    data="data/shapes/bench.jsonl",  # images for i2t / i2i (first n lines)
+    prompt="",  # t2i text; empty = the first n captions of `data`
+    n=8,  # how many examples
+    out_dir="out/samples",  # where PNGs go
+    greedy=False,  # greedy captions instead of sampling
+    temperature=0.7,  # caption sampling temperature (the paper's)
+    max_new_tokens=64,  # caption length cap
+    sample_steps=30,  # Euler steps of the decoder
+    cfg_scale=3.0,  # classifier-free guidance scale
+    device="auto",  # auto = cuda if available else cpu
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    seed=0,  # sampling seed
+)
+
+
+@torch.no_grad()
+def main(argv=None):
+    cfg = configure(config, argv)
+    if cfg.mode not in ("i2t", "t2i", "i2i"):
+        raise ValueError(f"--mode must be i2t, t2i or i2i, got {cfg.mode!r}")
+    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    rows = []
+    if cfg.mode == "t2i":
+        texts = [cfg.prompt] * cfg.n if cfg.prompt else [r["caption"] for r in read_jsonl(cfg.data)[:cfg.n]]
+        with rt.autocast():
+            images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator)
+        rows = [(text, image) for text, image in zip(texts, images)]
+    else:
+        sources = load_images(read_jsonl(cfg.data)[:cfg.n])
+        with rt.autocast():
+            texts = model.caption(sources, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                  greedy=cfg.greedy).texts
+        rows = [(src, text) for src, text in zip(sources, texts)]
+        if cfg.mode == "i2i":
+            with rt.autocast():
+                images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator)
+            rows = [row + (image,) for row, image in zip(rows, images)]
+    for i, row in enumerate(rows):
+        print(f"{i}: {next(c for c in row if isinstance(c, str))}")
+        for j, cell in enumerate(c for c in row if not isinstance(c, str)):
+            Image.fromarray(to_uint8_hwc(cell)).save(os.path.join(cfg.out_dir, f"{i:03d}_{j}.png"))
+    save_grid(rows, os.path.join(cfg.out_dir, "grid.png"))
+    print(f"wrote {len(rows)} examples and grid.png to {cfg.out_dir}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
