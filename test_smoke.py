@@ -432,3 +432,136 @@ def test_reconstruction_reward_and_source_cache(shapes_clip_file):
     assert backbone.calls == [1, 2]  # only the new key "c"
     with pytest.raises(ValueError, match="3 keys for 2 images"):
         rr.reconstruction_reward(x[:2], x_hat[:2], ["a", "b", "c"])
+
+
+# ----------------------------------------------------------------------------- model.py: LoRA, samplers, log-probs
+
+import model as M  # noqa: E402
+
+
+def _tiny_vae(path=None):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 8], latent_channels=4,
+                        norm_num_groups=4, sample_size=64, layers_per_block=1)
+    if path is not None:
+        vae.save_pretrained(path)
+    return vae
+
+
+@pytest.fixture(scope="module")
+def tiny_uae(tmp_path_factory):
+    from pretrain_encoder import build_processor
+    tok_dir = tmp_path_factory.mktemp("tok")
+    shapes.build_tokenizer().save_pretrained(tok_dir)
+    torch.manual_seed(0)
+    model = M.UAE.build_tiny(build_processor(str(tok_dir)), _tiny_vae(), llm_hidden=64, llm_layers=2, vision_hidden=32,
+                             vision_layers=1, dit_layers=1, dit_heads=2, dit_head_dim=16, joint_dim=32,
+                             projector_hidden=32, max_text_tokens=24)
+    return model.eval()
+
+
+def _scene_images(n, seed=0):
+    rng = random.Random(seed)
+    scenes = [shapes.sample_scene(rng) for _ in range(n)]
+    return torch.from_numpy(np.stack([shapes.render(s) for s in scenes])).permute(0, 3, 1, 2), scenes
+
+
+def test_lora_zero_init_off_on_merge_and_peft_layout(tiny_uae, tmp_path):
+    import copy
+    from safetensors.torch import load_file
+    model = copy.deepcopy(tiny_uae)
+    texts = ["a large red circle at the top left.", "a small blue square."]
+    with torch.no_grad():
+        before = model.condition(texts)
+    params = model.add_lora("llm", r=4, alpha=8, targets=M.LLM_LORA_TARGETS)
+    assert len(params) == 2 * 7 * 2  # A and B for 7 linears in each of 2 layers
+    with torch.no_grad():
+        assert torch.equal(model.condition(texts), before)  # B = 0: the adapted model starts as the base
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+        adapted = model.condition(texts)
+        assert not torch.allclose(adapted, before)
+        with M.lora_disabled(model.llm):  # the GRPO reference: adapters off
+            torch.testing.assert_close(model.condition(texts), before)
+        torch.testing.assert_close(model.condition(texts), adapted)
+    M.save_lora(model.llm, str(tmp_path), 4, 8, M.LLM_LORA_TARGETS)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert len(keys) == len(params)
+    reloaded = copy.deepcopy(tiny_uae)
+    reloaded.add_lora("llm", r=4, alpha=8, targets=M.LLM_LORA_TARGETS)
+    M.load_lora(reloaded.llm, str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.condition(texts), adapted)
+        M.merge_lora(reloaded.llm)
+        assert not M.lora_layers(reloaded.llm)
+        torch.testing.assert_close(reloaded.condition(texts), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_uae_save_load_identical_outputs(tiny_uae, tmp_path):
+    tiny_uae.save(str(tmp_path / "ckpt"))
+    loaded = M.UAE.load(str(tmp_path / "ckpt")).eval()
+    images, _ = _scene_images(2)
+    with torch.no_grad():
+        a, b = tiny_uae.condition(["a red circle."]), loaded.condition(["a red circle."])
+        assert torch.equal(a, b)
+        noise = torch.randn(tiny_uae.latent_shape(1), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(tiny_uae.sample_ode(a, 3, noise=noise), loaded.sample_ode(b, 3, noise=noise))
+        c = tiny_uae.caption(images, greedy=True, max_new_tokens=6)
+        torch.testing.assert_close(loaded.caption_logprobs(c.prompt, c.ids, 0.7), tiny_uae.caption_logprobs(c.prompt, c.ids, 0.7))
+    with pytest.raises(FileNotFoundError, match="no model.json"):
+        M.UAE.load(str(tmp_path))
+
+
+def test_caption_logprobs_equal_teacher_forced(tiny_uae):
+    images, _ = _scene_images(2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        c = tiny_uae.caption(images, num_samples=3, temperature=0.7, max_new_tokens=10)
+        assert c.ids.shape[0] == 6 and c.logp.shape == c.ids.shape and len(c.texts) == 6
+        forced = tiny_uae.caption_logprobs(c.prompt, c.ids, temperature=0.7)
+    mask = c.mask.bool()
+    torch.testing.assert_close(forced[mask], c.logp[mask], atol=1e-4, rtol=1e-4)
+    assert torch.all(c.logp[~mask] == 0) and torch.isfinite(forced[mask]).all()
+    # each completion's mask ends at the first eos
+    for row, m in zip(c.ids, c.mask):
+        eos = (row == tiny_uae.tokenizer.eos_token_id).nonzero()
+        assert m.sum() == (eos[0, 0] + 1 if len(eos) else len(row))
+
+
+def test_sde_step_is_the_gaussian_by_hand_and_ode_at_zero_noise():
+    torch.manual_seed(0)
+    x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    sigma, sigma_next, a = torch.tensor(0.6), torch.tensor(0.45), 0.7
+    new, logp, mean, std_t = M.sde_step(x, v, sigma, sigma_next, a, sigma_max=torch.tensor(0.9))
+    dt = -0.15
+    s_t = a * math.sqrt(0.6 / 0.4)
+    mean_hand = x + (v + s_t ** 2 / (2 * 0.6) * (x + 0.4 * v)) * dt
+    torch.testing.assert_close(mean, mean_hand)
+    std = s_t * math.sqrt(0.15)
+    density = torch.distributions.Normal(mean_hand, std).log_prob(new).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(logp, density)
+    _, logp_again, _, _ = M.sde_step(x, v, sigma, sigma_next, a, torch.tensor(0.9), prev_sample=new)
+    torch.testing.assert_close(logp_again, logp)  # scoring the stored sample gives the same log-prob
+    ode, none, _, _ = M.sde_step(x, v, sigma, sigma_next, 0.0, torch.tensor(0.9))
+    assert none is None
+    torch.testing.assert_close(ode, x + dt * v)  # noise level 0 is the Euler ODE step
+    # sigma = 1 uses sigma_max in the denominator instead of dividing by zero
+    _, logp_one, _, std_one = M.sde_step(x, v, torch.tensor(1.0), torch.tensor(0.9), a, torch.tensor(0.9))
+    assert torch.isfinite(logp_one).all() and std_one.flatten()[0] == pytest.approx(a * math.sqrt(1 / (1 - 0.9)))
+
+
+def test_sde_sampler_shapes_and_cfg(tiny_uae):
+    with torch.no_grad():
+        cond = tiny_uae.condition(["a red circle.", "a blue square."])
+        out = tiny_uae.sample_sde(cond, steps=4, cfg_scale=2.0, negative=tiny_uae.negative_condition(2),
+                                  generator=torch.Generator().manual_seed(0))
+    assert out["latents"].shape == (2, 5) + tiny_uae.latent_shape(1)[1:]
+    assert out["log_probs"].shape == (2, 3) and torch.isfinite(out["log_probs"]).all()
+    assert out["means"].shape == (2, 3) + tiny_uae.latent_shape(1)[1:]
+    images = tiny_uae.decode_latents(out["latents"][:, -1])
+    assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
