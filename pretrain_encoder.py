@@ -95,7 +95,7 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     state = M.load_training_state(cfg.out_dir) if cfg.resume else None
-    if state is not None and state["finished"]:
+    if state is not None and state["step"] >= cfg.max_steps:
         rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
         return
     # ---- model
