@@ -625,3 +625,46 @@ class UAE(nn.Module):
         cond = self.condition(texts)
         negative = self.negative_condition(len(texts), negative_prompt) if cfg_scale != 1.0 else None
         return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))
+
+
+# ============================================================================ the GRPO loss (hand-written)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2, clip_eps_high: float | None = None,
+              beta: float = 0.04, aggregation: str = "token", kl=None, return_stats: bool = False):
+    """Clipped-surrogate GRPO loss (Shao et al. 2024, DAPO's eps_high from Yu et al. 2025), per element:
+
+        ratio = exp(logp - old_logp)
+        loss  = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + beta KL
+        KL    = exp(ref - logp) - (ref - logp) - 1         (k3, unbiased, >= 0; Schulman 2020)
+
+    logp / old_logp / ref_logp / mask are (N, L): tokens of a caption, or timesteps of a Flow-GRPO
+    trajectory; advantages (N,) broadcast over L. `kl` (N, L) replaces k3 where the KL is known in
+    closed form (the decoder: Gaussian means). Aggregation "token": sum over all elements / their
+    count (length-neutral); "sequence": mean per row, then over rows (favours short answers).
+    Computed in fp32. Returns the scalar loss, and a stats dict if return_stats."""
+    if aggregation not in ("token", "sequence"):
+        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    logp, old_logp, mask = logp.float(), old_logp.float(), mask.float()
+    adv = advantages.float().view(-1, 1)
+    ratio = torch.exp(logp - old_logp)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high)
+    per_elem = -torch.minimum(ratio * adv, clipped * adv)
+    if kl is None and beta != 0:
+        delta = ref_logp.float() - logp
+        kl = torch.exp(delta) - delta - 1
+    if kl is not None and beta != 0:
+        per_elem = per_elem + beta * kl.float()
+    if aggregation == "token":
+        loss = (per_elem * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        loss = ((per_elem * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        is_clipped = ((ratio * adv) > (clipped * adv)).float()  # the clipped branch is the one taken
+        stats = {"clip_fraction": (is_clipped * mask).sum() / n, "ratio_mean": (ratio * mask).sum() / n,
+                 "kl": ((kl.float() * mask).sum() / n) if kl is not None else torch.zeros(())}
+    return loss, stats

@@ -641,3 +641,55 @@ def test_two_process_gloo_run(tiny_world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 4 loss") == 1  # only rank 0 prints
     assert M.load_training_state(str(out))["step"] == 4
+
+
+# ----------------------------------------------------------------------------- the GRPO loss
+
+def test_grpo_loss_by_hand():
+    # two sequences of length 3; the second has one padded token
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -1.2, -9.0]])
+    old = torch.tensor([[-1.5, -1.0, -0.5], [-0.3, -1.0, 0.0]])
+    ref = torch.tensor([[-1.0, -1.0, -1.0], [-0.5, -1.2, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    ratio = torch.exp(logp - old)  # [[e^.5, e^-1, 1], [1, e^-.2, .]]
+    # row 0, A = +1: min(r, clip(r, .8, 1.2)) -> 1.2 (e^.5 = 1.65 clipped), e^-1, 1
+    # row 1, A = -2: min(-2r, -2 clip(r)) -> -2, -2 e^-.2 (e^-.2 = .819 is inside [.8, 1.2])
+    surrogate = torch.tensor([[-1.2, -math.exp(-1), -1.0], [2.0, 2 * math.exp(-0.2), 0.0]])
+    delta = ref - logp
+    k3 = torch.exp(delta) - delta - 1
+    per = surrogate + 0.04 * k3
+    token = (per * mask).sum() / 5
+    loss, stats = M.grpo_loss(logp, old, ref, adv, mask, return_stats=True)
+    torch.testing.assert_close(loss, token)
+    assert stats["clip_fraction"].item() == pytest.approx(1 / 5)
+    torch.testing.assert_close(stats["kl"], (k3 * mask).sum() / 5)
+    seq = ((per * mask).sum(1) / mask.sum(1)).mean()
+    torch.testing.assert_close(M.grpo_loss(logp, old, ref, adv, mask, aggregation="sequence"), seq)
+    # eps_high = 0.8 lets the positive-advantage token up to ratio 1.8: e^.5 = 1.65 is no longer clipped
+    high = M.grpo_loss(logp, old, ref, adv, mask, clip_eps_high=0.8, beta=0.0)
+    surrogate_high = surrogate.clone()
+    surrogate_high[0, 0] = -math.exp(0.5)
+    torch.testing.assert_close(high, (surrogate_high * mask).sum() / 5)
+    # low side with a negative advantage: ratio 0.5 clips to 0.8, min(-2 * 0.5, -2 * 0.8) = -1.6 -> loss 1.6
+    low = M.grpo_loss(torch.log(torch.tensor([[0.5]])), torch.zeros(1, 1), None, torch.tensor([-2.0]),
+                      torch.ones(1, 1), beta=0.0)
+    torch.testing.assert_close(low, torch.tensor(1.6))
+    # a zero-advantage group contributes only its KL
+    zero = M.grpo_loss(logp, old, ref, torch.zeros(2), mask)
+    torch.testing.assert_close(zero, 0.04 * (k3 * mask).sum() / 5)
+    with pytest.raises(ValueError, match="aggregation"):
+        M.grpo_loss(logp, old, ref, adv, mask, aggregation="mean")
+
+
+def test_grpo_gradient_at_ratio_one_is_policy_gradient():
+    logp = torch.tensor([[-1.0, -0.5], [-2.0, -0.1]], requires_grad=True)
+    adv, mask = torch.tensor([0.7, -1.3]), torch.ones(2, 2)
+    loss = M.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)  # mu = 1: old = logp.detach()
+    loss.backward()
+    # d/dlogp of -(A * exp(logp - old)) at logp = old is -A, averaged over the 4 tokens
+    torch.testing.assert_close(logp.grad, -adv.view(-1, 1).expand(2, 2) / 4)
+    # with the reference equal to the policy, k3 and its gradient vanish
+    logp.grad = None
+    M.grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(2), mask, beta=1.0).backward()
+    torch.testing.assert_close(logp.grad, torch.zeros(2, 2))
