@@ -406,13 +406,14 @@ class UAE(nn.Module):
         llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, dtype=dtype)
         processor = AutoProcessor.from_pretrained(qwen_dir)
         # cast explicitly: without accelerate diffusers may keep fp32 weights despite dtype= (DESIGN §10)
-        transformer = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer", torch_dtype=dtype,
+        transformer = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer", dtype=dtype,
                                                             low_cpu_mem_usage=False)
-        vae = AutoencoderKL.from_pretrained(sd3_dir, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(sd3_dir, subfolder="vae", dtype=dtype, low_cpu_mem_usage=False)
         transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_dir, subfolder="scheduler")
-        pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, transformer=None, vae=None, text_encoder_3=None,
-                                                        tokenizer_3=None, torch_dtype=dtype)
+        # encode_prompt sizes the (absent) T5 states from the transformer's config: hand it the loaded one
+        pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, transformer=transformer, vae=None, text_encoder_3=None,
+                                                        tokenizer_3=None, dtype=dtype)
         with torch.no_grad():
             pooled = pipe.encode_prompt("", "", None, do_classifier_free_guidance=False)[2].float()
         del pipe
@@ -429,6 +430,7 @@ class UAE(nn.Module):
         """Write the `trained` parts in their standard layouts (adapters merged), the projector and
         pooled vector as safetensors, and model.json naming where every other part lives, so a stage
         re-saves only what it changed. Adapters are also written on their own (ours + peft layout)."""
+        os.makedirs(directory, exist_ok=True)
         parts = {}
         for part in self.PARTS:
             if part in trained:
@@ -465,12 +467,12 @@ class UAE(nn.Module):
                 raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
         llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
         processor = AutoProcessor.from_pretrained(paths["processor"])
-        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], torch_dtype=dtype, low_cpu_mem_usage=False)
-        vae = AutoencoderKL.from_pretrained(paths["vae"], torch_dtype=dtype, low_cpu_mem_usage=False)
+        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=dtype, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype, low_cpu_mem_usage=False)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
         weights = load_file(os.path.join(directory, "projector.safetensors"))
         pooled = weights.pop("pooled")
-        # without accelerate, diffusers may keep fp32 weights despite torch_dtype (DESIGN §10): cast explicitly
+        # without accelerate, diffusers may keep fp32 weights despite dtype= (DESIGN §10): cast explicitly
         transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
