@@ -83,3 +83,24 @@ def save_grid(rows: list[tuple], path: str, text_width: int = 320):
                 canvas.paste(c.resize((size, size)), (x, r * size))
             x += w
     canvas.save(path)
+
+
+def plot_curve(values: list[float], path: str, title: str = "", width: int = 480, height: int = 240):
+    """A line plot as PNG (PIL only: the design card has no matplotlib): raw values in grey, a
+    moving average (window = 10% of the run) in blue, min/max on the axis."""
+    from PIL import ImageDraw
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    if values:
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        window = max(1, len(values) // 10)
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+        to_xy = lambda i, v: (40 + i * (width - 50) / max(1, len(values) - 1), height - 20 - (v - lo) / span * (height - 40))
+        for series, colour in ((values, (190, 190, 190)), (smooth, (30, 80, 200))):
+            if len(series) > 1:
+                draw.line([to_xy(i, v) for i, v in enumerate(series)], fill=colour, width=2)
+        draw.text((2, 14), f"{hi:.3f}", fill="black")
+        draw.text((2, height - 28), f"{lo:.3f}", fill="black")
+    draw.text((40, 2), f"{title} ({len(values)} steps)", fill="black")
+    image.save(path)

@@ -1,0 +1,212 @@
+"""Unified-GRPO stage 2, Generation for Understanding: RL of the encoder on the reconstruction reward.
+
+For each image the policy (LLM + LoRA) samples G captions; the frozen decoder (the same LLM with its
+adapters off, projector, DiT) redraws the image from each caption; the reward is cos(f(x), f(x_hat))
+with f the reward CLIP. Captions that let the decoder rebuild the image better get positive group-
+relative advantages, so the encoder learns to say what it used to leave out (DESIGN §4.4).
+
+    python grpo_encoder.py
+    torchrun --standalone --nproc_per_node=2 grpo_encoder.py
+    torchrun --nproc_per_node=8 grpo_encoder.py config/paper_grpo_encoder.py
+
+Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
+reward_curve.png.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import model as M
+import shapes
+from configurator import configure
+from data import load_images, plot_curve, read_jsonl
+from reward import ReconstructionReward, group_advantages, load_backbone
+
+config = dict(
+    data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
+    init_from="out/cold_start",  # UAE checkpoint to start from (the reference policy)
+    out_dir="out/grpo_encoder",  # checkpoint directory
+    resume=True,  # continue from out_dir if it holds an unfinished run
+    reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # f in cos(f(x), f(x_hat)) (reward.py spec)
+    # policy
+    lora_r=16,  # LoRA rank on every linear of the text model (paper: 32)
+    lora_alpha=32,  # LoRA alpha (paper: 64)
+    lr=2e-4,  # AdamW learning rate of the adapters
+    weight_decay=0.0,  # AdamW weight decay
+    grad_clip=1.0,  # max gradient norm
+    # rollout
+    max_steps=120,  # RL steps
+    images_per_step=8,  # B source images per step (global; each group lives on one rank)
+    group_size=8,  # G captions per image
+    temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
+    max_new_tokens=64,  # caption length cap
+    decode_steps=10,  # Euler steps of the frozen decoder
+    cfg_scale=3.0,  # guidance of the frozen decoder
+    # loss
+    mu=1,  # policy updates per rollout (1: old log-probs = logp.detach(), no extra forward)
+    clip_eps=0.2,  # PPO clip range (low side)
+    clip_eps_high=0.28,  # high side (DAPO's clip-higher keeps exploration alive)
+    beta=0.04,  # k3 KL weight against the reference (adapters off)
+    aggregation="token",  # "token" (length-neutral) or "sequence"
+    # evaluation / logging
+    eval_interval=40,  # steps between val probes
+    probe_n=100,  # fixed val images for the small-object-recall probe (greedy captions)
+    log_interval=1,  # steps between log lines
+    save_interval=40,  # steps between checkpoints
+    max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
+    device="auto",  # auto = cuda if available else cpu
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    seed=1337,  # base seed (+ rank)
+    threads=0,  # torch CPU threads (0 = default)
+)
+
+
+@torch.no_grad()
+def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
+    """G captions per image from the policy, decoded by the frozen decoder, scored against the source."""
+    model.eval()
+    t0 = time.time()
+    with rt.autocast():
+        captions = model.caption(images, cfg.group_size, cfg.temperature, cfg.max_new_tokens)
+    t1 = time.time()
+    with M.lora_disabled(model.llm), rt.autocast():  # the decoder's text encoder stays frozen
+        cond = model.condition(captions.texts)
+        negative = model.negative_condition(len(captions.texts)) if cfg.cfg_scale != 1.0 else None
+        recon = model.decode_latents(model.sample_ode(cond, cfg.decode_steps, cfg.cfg_scale, negative))
+    t2 = time.time()
+    sources = images.repeat_interleave(cfg.group_size, 0).float().div(255).to(rt.device)
+    rewards = reward_fn.reconstruction_reward(sources, recon, keys=[k for k in keys for _ in range(cfg.group_size)])
+    model.train()
+    return {"captions": captions, "rewards": rewards.float(), "recon": recon,
+            "seconds": {"caption": t1 - t0, "decode": t2 - t1, "reward": time.time() - t2}}
+
+
+def policy_step(model, rt, opt, params, captions, advantages, cfg) -> dict:
+    """mu clipped-surrogate updates on one rollout; returns loss stats (fp32)."""
+    old = None
+    if cfg.mu > 1:  # stored old log-probs, teacher-forced before any update
+        with torch.no_grad(), rt.autocast():
+            old = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
+    ref = None
+    if cfg.beta != 0:
+        with torch.no_grad(), M.lora_disabled(model.llm), rt.autocast():
+            ref = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
+    mask = captions.mask.float()
+    for _ in range(cfg.mu):
+        with rt.autocast():
+            logp = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
+        logp = torch.where(mask.bool(), logp, 0.0)
+        loss, stats = M.grpo_loss(logp, logp.detach() if old is None else old, None if ref is None else torch.where(mask.bool(), ref, 0.0),
+                                  advantages, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.aggregation,
+                                  return_stats=True)
+        if not torch.isfinite(loss):
+            return {"loss": loss.detach(), **stats, "finite": False}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        M.all_reduce_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return {"loss": loss.detach(), **stats, "finite": True}
+
+
+@torch.no_grad()
+def probe(model, rt, images, scenes, cfg) -> dict:
+    model.eval()
+    with rt.autocast():
+        texts = model.caption(images, greedy=True, max_new_tokens=cfg.max_new_tokens).texts
+    model.train()
+    return shapes.caption_report(texts, scenes) | {"example": texts[0]}
+
+
+def main(argv=None):
+    cfg = configure(config, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    if cfg.images_per_step % rt.world_size:
+        raise ValueError(f"images_per_step={cfg.images_per_step} must divide over {rt.world_size} ranks (groups stay on one rank)")
+    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
+    if state is not None and state["step"] >= cfg.max_steps:
+        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+        return
+    # ---- model: the reference is init_from; the policy is it + LoRA on the text model
+    model = M.UAE.load(cfg.init_from).to(rt.device)
+    model.requires_grad_(False)
+    params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    step, history = 0, []
+    if state is not None:
+        M.load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        step, history = state["step"], state["history"]
+        rt.print(f"resumed from {cfg.out_dir} at step {step}")
+    rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the LLM")
+    reward_fn = ReconstructionReward(load_backbone(cfg.reward_backbone, rt.device))
+    # ---- data
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.probe_n]
+    images = load_images(train)
+    probe_images = load_images(probe_records)
+    probe_scenes = [shapes.scene_from_json(r["scene"]) for r in probe_records] if "scene" in probe_records[0] else None
+    local_images = cfg.images_per_step // rt.world_size
+    # ---- loop
+    t_start, bad = time.time(), 0
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_encoder")
+    while step < cfg.max_steps:
+        t0 = time.time()
+        idx = torch.randint(0, len(train), (local_images,))
+        out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
+        rewards = out["rewards"]
+        if not torch.isfinite(rewards).all():
+            stats = {"finite": False, "loss": torch.tensor(float("nan"))}
+        else:
+            advantages = group_advantages(rewards, cfg.group_size)
+            t1 = time.time()
+            stats = policy_step(model, rt, opt, params, out["captions"], advantages, cfg)
+            out["seconds"]["policy"] = time.time() - t1
+        if not stats["finite"]:
+            bad += 1
+            rt.print(f"warning: step {step + 1} non-finite reward or loss, update skipped ({bad} in a row)")
+            if bad >= cfg.max_bad_steps:
+                raise RuntimeError(f"{cfg.max_bad_steps} non-finite steps in a row: stopping (last good checkpoint in {cfg.out_dir})")
+            continue
+        bad = 0
+        step += 1
+        bar.update(1)
+        groups = rewards.view(-1, cfg.group_size)
+        row = {"step": step, "reward_mean": M.all_reduce_mean(rewards.mean()).item(),
+               "reward_std": M.all_reduce_mean(rewards.std()).item(),
+               "zero_std_groups": M.all_reduce_mean((groups.max(1).values == groups.min(1).values).float().mean()).item(),
+               "kl": M.all_reduce_mean(stats["kl"].float()).item(), "clip_fraction": M.all_reduce_mean(stats["clip_fraction"]).item(),
+               "loss": M.all_reduce_mean(stats["loss"].float()).item(),
+               "caption_length": M.all_reduce_mean(out["captions"].mask.float().sum(1).mean()).item(),
+               "seconds": time.time() - t0, **{f"t_{k}": v for k, v in out["seconds"].items()}}
+        history.append(row)
+        if step % cfg.log_interval == 0:
+            rt.print(f"step {step} reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} zero_std {row['zero_std_groups']:.2f} "
+                     f"kl {row['kl']:.4f} clip {row['clip_fraction']:.3f} len {row['caption_length']:.1f} "
+                     f"loss {row['loss']:.4f} time {row['seconds']:.1f}s | {out['captions'].texts[0]}")
+        if rt.master and probe_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            report = probe(model, rt, probe_images, probe_scenes, cfg)
+            history[-1]["probe"] = {k: v for k, v in report.items() if k != "example"}
+            rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "example")
+                     + f" | {report['example']}")
+        if rt.master and (step % cfg.save_interval == 0 or step == cfg.max_steps):
+            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), step == cfg.max_steps,
+                              {"history": history})
+            with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:  # every step so far, one JSON line each
+                f.writelines(json.dumps(h) + "\n" for h in history)
+            plot_curve([h["reward_mean"] for h in history], os.path.join(cfg.out_dir, "reward_curve.png"), "reward mean")
+    bar.close()
+    rt.print(f"done: {step} steps in {time.time() - t_start:.0f}s")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
