@@ -520,14 +520,17 @@ class UAE(nn.Module):
         texts = self.tokenizer.batch_decode(ids * mask + self.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
         return Captions(prompt, ids, mask, logp, [t.strip() for t in texts])
 
-    def caption_logprobs(self, prompt: dict, ids: torch.Tensor, temperature: float = 0.7) -> torch.Tensor:
-        """Teacher-forced (N, L) fp32 log-probs of completion `ids` after `prompt` (gradients on)."""
+    def caption_logprobs(self, prompt: dict, ids: torch.Tensor, temperature: float = 0.7, return_hidden: bool = False):
+        """Teacher-forced (N, L) fp32 log-probs of completion `ids` after `prompt` (gradients on); with
+        return_hidden also the last-layer hidden states at the completion positions (cold start)."""
         n_prompt, n_new = prompt["input_ids"].shape[1], ids.shape[1]
         inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], ids], 1),
                       attention_mask=torch.cat([prompt["attention_mask"], torch.ones_like(ids)], 1))
         if "mm_token_type_ids" in prompt:
             inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1)
-        return self.token_logprobs(self.llm(**inputs, logits_to_keep=n_new + 1).logits[:, :-1], ids, temperature)
+        out = self.llm(**inputs, logits_to_keep=n_new + 1, output_hidden_states=return_hidden)
+        logp = self.token_logprobs(out.logits[:, :-1], ids, temperature)
+        return (logp, out.hidden_states[-1][:, n_prompt:]) if return_hidden else logp
 
     def token_logprobs(self, logits, ids, temperature: float) -> torch.Tensor:
         """log softmax(logits / T) at the chosen ids, in fp32, over the allowed vocabulary."""

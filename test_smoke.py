@@ -1004,3 +1004,25 @@ def test_grpo_encoder_two_process_gloo(tiny_world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 1 reward") == 1
     assert M.load_training_state(str(tmp_path / "g2"))["step"] == 1
+
+
+# ----------------------------------------------------------------------------- cold start
+
+def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
+    import cold_start
+    out = tmp_path / "cold"
+    args = [f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'dec'}", f"--out_dir={out}", "--batch_size=4",
+            "--sample_steps=2", "--max_new_tokens=8", "--log_interval=1", "--save_interval=2", "--lora_r=4",
+            "--lora_alpha=8", "--lr_lora=1e-2", "--lr_decoder=1e-2", "--threads=2",
+            f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]
+    capsys.readouterr()
+    cold_start.main(args + ["--max_steps=2"])
+    assert "step 2 loss" in capsys.readouterr().out
+    before, after = M.UAE.load(str(tiny_world / "dec")), M.UAE.load(str(out))
+    changed = lambda a, b: any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert changed(before.transformer, after.transformer) and changed(before.projector, after.projector)
+    assert changed(before.llm.model.language_model, after.llm.model.language_model)  # LoRA merged in
+    assert not changed(before.llm.model.visual, after.llm.model.visual) and not changed(before.vae, after.vae)
+    cold_start.main(args + ["--max_steps=3"])
+    text = capsys.readouterr().out
+    assert "at step 2" in text and "step 3 loss" in text

@@ -1,0 +1,131 @@
+"""Unified-GRPO stage 1, cold start: gently tie encoder and decoder with a semantic reconstruction loss.
+
+The LLM reads image + instruction + its own caption; the hidden states at the caption positions go
+through the projector into a few-step sampler run WITH gradients; the reconstruction is scored by
+the reward backbone. Loss (DESIGN §4.3):
+
+    L = mean(1 - cos(f(x_hat), f(x)))  +  ce_weight * CE(caption tokens)
+
+f(x) is fixed (no grad); the gradient flows through the sampler into the DiT, the projector and the
+LLM's LoRA. The captions are the encoder's own samples, so the cross-entropy keeps captioning as it
+was (no new text is taught here: what to say is left to RL). Learning rates are small and the run is
+short: this stage initialises, it does not solve.
+
+    python cold_start.py
+    torchrun --standalone --nproc_per_node=2 cold_start.py
+"""
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import model as M
+from configurator import configure
+from data import load_images, read_jsonl
+from reward import ReconstructionReward, cosine, load_backbone
+
+config = dict(
+    data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
+    init_from="out/pretrain_decoder",  # UAE checkpoint (pretrained encoder + decoder)
+    out_dir="out/cold_start",  # checkpoint directory
+    resume=True,  # continue from out_dir if it holds an unfinished run
+    reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # f in the loss (reward.py spec)
+    lora_r=16,  # LoRA rank on the text model (paper: 32)
+    lora_alpha=32,  # LoRA alpha (paper: 64)
+    lr_lora=5e-5,  # AdamW learning rate of the LLM adapters
+    lr_decoder=1e-5,  # AdamW learning rate of projector + DiT ("gently")
+    max_steps=60,  # optimizer steps
+    batch_size=16,  # global batch (split over ranks)
+    sample_steps=4,  # steps of the differentiable sampler (released code: 10)
+    cfg_scale=1.0,  # guidance inside the differentiable sampler
+    temperature=0.7,  # sampling temperature of the captions read back
+    max_new_tokens=64,  # caption length cap
+    ce_weight=1.0,  # weight of the caption cross-entropy that keeps captioning intact
+    grad_clip=1.0,  # max gradient norm
+    log_interval=10,  # steps between log lines
+    save_interval=60,  # steps between checkpoints
+    device="auto",  # auto = cuda if available else cpu
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    seed=1337,  # base seed (+ rank)
+    threads=0,  # torch CPU threads (0 = default)
+)
+
+
+def main(argv=None):
+    cfg = configure(config, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
+    if state is not None and state["step"] >= cfg.max_steps:
+        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+        return
+    model = M.UAE.load(cfg.init_from).to(rt.device)
+    model.requires_grad_(False)
+    lora = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    decoder = [model.projector, model.transformer]
+    decoder_params = [p for m in decoder for p in m.parameters()]
+    for p in decoder_params:
+        p.requires_grad_(True)
+    params = lora + decoder_params
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr_lora}, {"params": decoder_params, "lr": cfg.lr_decoder}],
+                            betas=(0.9, 0.99), weight_decay=0.0)
+    step = 0
+    if state is not None:
+        M.load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
+        for m, sd in zip(decoder, state["decoder"]):
+            m.load_state_dict(sd)
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        step = state["step"]
+        rt.print(f"resumed from {cfg.out_dir} at step {step}")
+    backbone = load_backbone(cfg.reward_backbone, rt.device)
+    reward_fn = ReconstructionReward(backbone)
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    images = load_images(train)
+    local_batch = cfg.batch_size // rt.world_size
+    t0 = time.time()
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
+    while step < cfg.max_steps:
+        idx = torch.randint(0, len(train), (local_batch,))
+        x = images[idx]
+        model.eval()
+        with rt.autocast():
+            captions = model.caption(x, 1, cfg.temperature, cfg.max_new_tokens)  # the encoder's own words
+        model.train()
+        with rt.autocast():
+            logp, hidden = model.caption_logprobs(captions.prompt, captions.ids, 1.0, return_hidden=True)
+            cond = model.projector(hidden)
+            negative = model.negative_condition(local_batch) if cfg.cfg_scale != 1.0 else None
+            x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps, cfg.cfg_scale, negative))
+        source = reward_fn.source_features(x.float().div(255).to(rt.device), idx.tolist())
+        similarity = cosine(backbone(x_hat), source)
+        mask = captions.mask.bool()
+        ce = -torch.where(mask, logp, 0.0).sum() / mask.sum()
+        loss = (1 - similarity).mean() + cfg.ce_weight * ce
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite cold-start loss at step {step + 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        M.all_reduce_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_interval == 0:
+            rt.print(f"step {step} loss {M.all_reduce_mean(loss.detach()).item():.4f} "
+                     f"similarity {M.all_reduce_mean(similarity.detach().mean()).item():.4f} "
+                     f"ce {M.all_reduce_mean(ce.detach()).item():.4f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
+        if rt.master and (step % cfg.save_interval == 0 or step == cfg.max_steps):
+            M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg), step == cfg.max_steps,
+                              {"decoder": [m.state_dict() for m in decoder]})
+    bar.close()
+    rt.print(f"done: {step} steps in {time.time() - t0:.0f}s")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
