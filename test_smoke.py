@@ -1026,3 +1026,52 @@ def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
     cold_start.main(args + ["--max_steps=3"])
     text = capsys.readouterr().out
     assert "at step 2" in text and "step 3 loss" in text
+
+
+# ----------------------------------------------------------------------------- eval_unified
+
+def test_eval_unified_folder_scoring_matches_independent_cosine(tiny_world, tmp_path):
+    import eval_unified
+    import open_clip
+    from PIL import Image
+    refs, gens = tmp_path / "refs", tmp_path / "gens"
+    refs.mkdir(), gens.mkdir()
+    rng = random.Random(3)
+    pairs = []
+    for i in range(3):
+        a, b = shapes.render(shapes.sample_scene(rng)), shapes.render(shapes.sample_scene(rng))
+        Image.fromarray(a).save(refs / f"{i}.png"), Image.fromarray(b).save(gens / f"{i}.png")
+        pairs.append((a, b))
+    spec = f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"
+    results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
+        f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}", f"--clip={spec}"]))
+    # independent: open_clip's own model + its own preprocessing (64x64 input, normalise) + plain cosine
+    open_clip.add_model_config(os.path.join(REPO, "config", "open_clip"))
+    clip = open_clip.create_model("ShapesCLIP", pretrained=str(tiny_world / "shapes_clip.pt")).eval()
+    mean, std = torch.tensor(clip.visual.preprocess_cfg["mean"]).view(3, 1, 1), torch.tensor(clip.visual.preprocess_cfg["std"]).view(3, 1, 1)
+    embed = lambda im: clip.encode_image(((torch.from_numpy(im).permute(2, 0, 1) / 255 - mean) / std)[None])[0]
+    with torch.no_grad():
+        expected = [F.cosine_similarity(embed(a), embed(b), dim=0).item() for a, b in pairs]
+    got = results["clip"]["scores"]
+    assert [got[f"{i}.png"] for i in range(3)] == pytest.approx(expected, abs=1e-5)
+    assert results["clip"]["average"] == pytest.approx(np.mean(expected), abs=1e-5)
+    assert results["clip"]["min"] == pytest.approx(min(expected), abs=1e-5)
+    assert results["unified_score"] == pytest.approx(100 * np.mean(expected), abs=1e-3)
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(saved) >= {"clip", "overall_mean", "unified_score"} and set(saved["clip"]) >= {"scores", "average", "min", "max"}
+    (gens / "1.png").unlink()
+    with pytest.raises(DataError, match=r"no reconstruction .* e\.g\. 1\.png"):
+        eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
+            f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}", f"--clip={spec}"]))
+
+
+def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
+    import eval_unified
+    results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
+        f"--ckpt={tiny_world / 'dec'}", f"--data={tiny_world / 'bench.jsonl'}", f"--out_dir={tmp_path}",
+        f"--clip=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}", "--sample_steps=2", "--max_new_tokens=8"]))
+    assert set(results["understanding"]) == {"recall", "small_object_recall", "attribute_accuracy", "precision", "caption_length"}
+    assert set(results["generation"]) == {"overall", "objects", "color", "shape", "size", "position", "count", "overall_3plus"}
+    assert set(results["unification"]) == {"unified_score", "scene_f1"}
+    assert len(results["clip"]["scores"]) == 8 and len(os.listdir(tmp_path / "reconstructions")) == 8
+    assert (tmp_path / "grid.png").exists() and len((tmp_path / "captions.jsonl").read_text().splitlines()) == 8
