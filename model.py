@@ -297,7 +297,7 @@ def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample
     """One Flow-GRPO SDE step (Liu et al. 2025, eq. 9), the reverse-time SDE with the same marginals as
     the rectified-flow ODE. dt = sigma_next - sigma < 0, std_t = a * sqrt(sigma / (1 - sigma)):
         mean = x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] dt,   x' = mean + std_t sqrt(-dt) z
-    Returns (x', log N(x' | mean, (std_t sqrt(-dt))^2) averaged over dimensions, mean, std_t).
+    Returns (x', log N(x' | mean, step_std^2) averaged over dimensions, mean, step_std = std_t sqrt(-dt)).
     At noise_level 0 this is exactly the Euler ODE step. Pass prev_sample to score a stored x'."""
     shape = (-1,) + (1,) * (x.dim() - 1)
     sigma, sigma_next = sigma.float().view(shape), sigma_next.float().view(shape)
@@ -310,10 +310,10 @@ def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         prev_sample = mean + step_std * noise
     if noise_level == 0:
-        return prev_sample, None, mean, std_t
+        return prev_sample, None, mean, step_std
     log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * step_std ** 2) - torch.log(step_std)
                 - 0.5 * math.log(2 * math.pi))
-    return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, std_t
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, step_std
 
 
 def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled_dim=32):
@@ -589,6 +589,13 @@ class UAE(nn.Module):
             x = x.float() + (sigma_next - sigma) * v
         return x
 
+    def sde_transition(self, x, sigma, sigma_next, cond, negative, cfg_scale: float, noise_level: float, sigma_max,
+                       prev_sample=None, generator=None):
+        """One Flow-GRPO step from x at sigma: (x', log-prob, mean, step std). Sampling and the GRPO
+        update both call this, so the ratio is exactly 1 on-policy (same layout, same dtype)."""
+        v = self.guided_velocity(x.to(cond.dtype), sigma, cond, negative, cfg_scale).float()
+        return sde_step(x, v, sigma, sigma_next, noise_level, sigma_max, prev_sample, generator)
+
     def sample_sde(self, cond, steps: int = 10, cfg_scale: float = 1.0, negative=None, noise_level: float = 0.7,
                    generator=None):
         """Flow-GRPO sampler: SDE steps that record each step's Gaussian log-prob and mean; the last
@@ -598,11 +605,10 @@ class UAE(nn.Module):
         sigmas = self.sigmas(steps)
         latents, log_probs, means = [x], [], []
         for i in range(steps):
-            v = self.guided_velocity(x.to(cond.dtype), sigmas[i], cond, negative, cfg_scale).float()
-            if i == steps - 1:
-                x = x + (sigmas[i + 1] - sigmas[i]) * v
-            else:
-                x, log_prob, mean, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigmas[1], generator=generator)
+            level = noise_level if i < steps - 1 else 0.0
+            x, log_prob, mean, _ = self.sde_transition(x, sigmas[i], sigmas[i + 1], cond, negative, cfg_scale, level,
+                                                       sigmas[1], generator=generator)
+            if i < steps - 1:
                 log_probs.append(log_prob)
                 means.append(mean)
             latents.append(x)

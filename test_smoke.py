@@ -537,12 +537,13 @@ def test_sde_step_is_the_gaussian_by_hand_and_ode_at_zero_noise():
     torch.manual_seed(0)
     x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     sigma, sigma_next, a = torch.tensor(0.6), torch.tensor(0.45), 0.7
-    new, logp, mean, std_t = M.sde_step(x, v, sigma, sigma_next, a, sigma_max=torch.tensor(0.9))
+    new, logp, mean, step_std = M.sde_step(x, v, sigma, sigma_next, a, sigma_max=torch.tensor(0.9))
     dt = -0.15
     s_t = a * math.sqrt(0.6 / 0.4)
     mean_hand = x + (v + s_t ** 2 / (2 * 0.6) * (x + 0.4 * v)) * dt
     torch.testing.assert_close(mean, mean_hand)
     std = s_t * math.sqrt(0.15)
+    assert step_std.flatten()[0].item() == pytest.approx(std)
     density = torch.distributions.Normal(mean_hand, std).log_prob(new).mean(dim=(1, 2, 3))
     torch.testing.assert_close(logp, density)
     _, logp_again, _, _ = M.sde_step(x, v, sigma, sigma_next, a, torch.tensor(0.9), prev_sample=new)
@@ -552,7 +553,7 @@ def test_sde_step_is_the_gaussian_by_hand_and_ode_at_zero_noise():
     torch.testing.assert_close(ode, x + dt * v)  # noise level 0 is the Euler ODE step
     # sigma = 1 uses sigma_max in the denominator instead of dividing by zero
     _, logp_one, _, std_one = M.sde_step(x, v, torch.tensor(1.0), torch.tensor(0.9), a, torch.tensor(0.9))
-    assert torch.isfinite(logp_one).all() and std_one.flatten()[0] == pytest.approx(a * math.sqrt(1 / (1 - 0.9)))
+    assert torch.isfinite(logp_one).all() and std_one.flatten()[0] == pytest.approx(a * math.sqrt(1 / (1 - 0.9)) * math.sqrt(0.1))
 
 
 def test_sde_sampler_shapes_and_cfg(tiny_uae):
@@ -1075,3 +1076,49 @@ def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
     assert set(results["unification"]) == {"unified_score", "scene_f1"}
     assert len(results["clip"]["scores"]) == 8 and len(os.listdir(tmp_path / "reconstructions")) == 8
     assert (tmp_path / "grid.png").exists() and len((tmp_path / "captions.jsonl").read_text().splitlines()) == 8
+
+
+# ----------------------------------------------------------------------------- grpo_decoder
+
+def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
+    import grpo_decoder
+    out = tmp_path / "gdec"
+    args = [f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'dec'}", f"--out_dir={out}", "--captions_per_step=2",
+            "--group_size=3", "--max_new_tokens=8", "--train_steps=4", "--eval_steps=2", "--eval_n=4",
+            "--eval_interval=2", "--save_interval=2", "--lora_r=4", "--lora_alpha=8", "--threads=2",
+            f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]
+    capsys.readouterr()
+    grpo_decoder.main(args + ["--max_steps=2"])
+    text = capsys.readouterr().out
+    error = float(text.split("max |ratio - 1| = ")[1].split()[0])
+    assert error <= 1e-5, text  # recomputed log-probs equal the sampled ones before any update
+    assert "step 2 reward" in text and "eval step 2 overall" in text
+    assert (out / "lora_transformer" / "adapter_model.safetensors").exists() and (out / "reward_curve.png").exists()
+    grpo_decoder.main(args + ["--max_steps=3"])
+    text = capsys.readouterr().out
+    assert "at step 2" in text and "step 3 reward" in text
+    assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
+    """KL(N(mu, s^2) || N(mu_ref, s^2)) per dimension = (mu - mu_ref)^2 / (2 s^2): check the step
+    Gaussians of a LoRA-perturbed DiT against its reference by the closed form and by torch.distributions."""
+    import copy
+    model = copy.deepcopy(tiny_uae)
+    params = model.add_lora("transformer", 4, 8, M.DIT_LORA_TARGETS)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+        cond = model.condition(["a red circle."])
+        sigmas = model.sigmas(4)
+        x = torch.randn(model.latent_shape(1))
+        _, _, mean, step_std = model.sde_transition(x, sigmas[1], sigmas[2], cond, None, 1.0, 0.7, sigmas[1])
+        with M.lora_disabled(model.transformer):
+            _, _, ref_mean, _ = model.sde_transition(x, sigmas[1], sigmas[2], cond, None, 1.0, 0.7, sigmas[1])
+    step_std = step_std.flatten()[0]
+    assert step_std == pytest.approx(0.7 * math.sqrt(sigmas[1] / (1 - sigmas[1])) * math.sqrt(sigmas[1] - sigmas[2]))
+    exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, step_std),
+                                              torch.distributions.Normal(ref_mean, step_std)).mean()
+    by_hand = ((mean - ref_mean) ** 2).mean() / (2 * step_std ** 2)
+    torch.testing.assert_close(exact, by_hand)
+    assert by_hand > 0

@@ -1,0 +1,219 @@
+"""Unified-GRPO stage 3, Understanding for Generation: Flow-GRPO of the decoder on the reconstruction reward.
+
+The RL-trained encoder captions each source image; the decoder (DiT + LoRA on its attention) draws G
+images per caption with the SDE sampler, recording each step's Gaussian log-prob; the reward is the
+similarity of each image to its SOURCE, so the decoder learns to use every detail the caption gives
+(DESIGN §4.5; Flow-GRPO, Liu et al. 2025). Per-timestep loss via model.grpo_loss: ratio of step
+log-probs, clip range ~1e-4, KL on the predicted means against the reference (adapters off).
+
+    python grpo_decoder.py
+    torchrun --standalone --nproc_per_node=2 grpo_decoder.py
+
+Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps.
+Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import model as M
+import shapes
+from configurator import configure
+from data import load_images, plot_curve, read_jsonl
+from reward import ReconstructionReward, group_advantages, load_backbone
+
+config = dict(
+    data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
+    init_from="out/grpo_encoder",  # UAE checkpoint with the RL-trained encoder
+    out_dir="out/grpo_decoder",  # checkpoint directory
+    resume=True,  # continue from out_dir if it holds an unfinished run
+    reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # f in cos(f(x), f(x_hat))
+    # policy
+    lora_r=16,  # LoRA rank on the DiT attention projections (Flow-GRPO: 32)
+    lora_alpha=32,  # LoRA alpha (Flow-GRPO: 64)
+    lr=3e-4,  # AdamW learning rate of the adapters
+    grad_clip=1.0,  # max gradient norm
+    # rollout
+    max_steps=60,  # RL steps
+    captions_per_step=4,  # source images (one caption each) per step, global
+    group_size=8,  # G images per caption
+    greedy_captions=True,  # captions from the encoder: greedy (True) or sampled at temperature
+    temperature=0.7,  # caption temperature when sampled
+    max_new_tokens=64,  # caption length cap
+    train_steps=8,  # SDE sampling steps during training (denoising reduction)
+    eval_steps=20,  # ODE steps when evaluating
+    noise_level=0.7,  # a in std_t = a sqrt(sigma / (1 - sigma))
+    cfg_scale=3.0,  # guidance, the same at sampling and in the update
+    timestep_fraction=0.6,  # fraction of the SDE steps trained per rollout
+    # loss
+    clip_eps=1e-4,  # ratio clip range (Flow-GRPO)
+    adv_clip=5.0,  # advantages clipped to +-adv_clip
+    beta=0.01,  # KL weight on the predicted means
+    # evaluation / logging
+    eval_interval=20,  # steps between GenEval-shapes probes
+    eval_n=100,  # val true long captions per probe
+    log_interval=1,  # steps between log lines
+    save_interval=20,  # steps between checkpoints
+    max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
+    device="auto",  # auto = cuda if available else cpu
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    seed=1337,  # base seed (+ rank)
+    threads=0,  # torch CPU threads (0 = default)
+)
+
+
+@torch.no_grad()
+def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
+    model.eval()
+    t0 = time.time()
+    with rt.autocast():
+        texts = model.caption(images, 1, cfg.temperature, cfg.max_new_tokens, greedy=cfg.greedy_captions).texts
+        cond = model.condition(texts).repeat_interleave(cfg.group_size, 0)
+        negative = model.negative_condition(len(cond)) if cfg.cfg_scale != 1.0 else None
+    t1 = time.time()
+    with rt.autocast():
+        traj = model.sample_sde(cond, cfg.train_steps, cfg.cfg_scale, negative, cfg.noise_level)
+        recon = model.decode_latents(traj["latents"][:, -1])
+    t2 = time.time()
+    sources = images.repeat_interleave(cfg.group_size, 0).float().div(255).to(rt.device)
+    rewards = reward_fn.reconstruction_reward(sources, recon, keys=[k for k in keys for _ in range(cfg.group_size)])
+    model.train()
+    return {"texts": texts, "cond": cond, "negative": negative, "traj": traj, "rewards": rewards.float(),
+            "seconds": {"caption": t1 - t0, "sample": t2 - t1, "reward": time.time() - t2}}
+
+
+def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: bool) -> dict:
+    """Per-timestep clipped surrogate + KL on the means, gradients summed over the chosen timesteps."""
+    traj, cond, negative = out["traj"], out["cond"], out["negative"]
+    sigmas, n_sde = traj["sigmas"], traj["log_probs"].shape[1]
+    chosen = torch.randperm(n_sde)[:max(1, round(cfg.timestep_fraction * n_sde))].tolist()
+    opt.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "max_ratio_error": 0.0}
+    ones = torch.ones(len(advantages), 1, device=rt.device)
+    for j in chosen:
+        x, x_next = traj["latents"][:, j], traj["latents"][:, j + 1]
+        with rt.autocast():
+            _, logp, mean, step_std = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond, negative, cfg.cfg_scale,
+                                                        cfg.noise_level, sigmas[1], prev_sample=x_next)
+            with torch.no_grad(), M.lora_disabled(model.transformer):
+                _, _, ref_mean, _ = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond, negative, cfg.cfg_scale,
+                                                         cfg.noise_level, sigmas[1], prev_sample=x_next)
+        # KL between the two step Gaussians of equal variance: |mu - mu_ref|^2 / (2 std^2), averaged over dims
+        kl = ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std.flatten() ** 2)
+        old = traj["log_probs"][:, j]
+        if check_on_policy and j == chosen[0]:
+            totals["max_ratio_error"] = (torch.exp(logp.detach() - old) - 1).abs().max().item()
+        loss, stats = M.grpo_loss(logp[:, None], old[:, None], None, advantages, ones, cfg.clip_eps, None, cfg.beta,
+                                  kl=kl[:, None], return_stats=True)
+        if not torch.isfinite(loss):
+            return {**totals, "finite": False}
+        (loss / len(chosen)).backward()
+        totals["loss"] += loss.item() / len(chosen)
+        totals["kl"] += stats["kl"].item() / len(chosen)
+        totals["clip_fraction"] += stats["clip_fraction"].item() / len(chosen)
+    M.all_reduce_grads(params)
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return {**totals, "finite": True}
+
+
+@torch.no_grad()
+def probe(model, rt, captions, scenes, cfg) -> dict:
+    model.eval()
+    generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+    images = []
+    for i in range(0, len(captions), 50):
+        with rt.autocast():
+            images.append(model.generate(captions[i:i + 50], cfg.eval_steps, cfg.cfg_scale, generator=generator))
+    model.train()
+    return shapes.generation_report(torch.cat(images), scenes)
+
+
+def main(argv=None):
+    cfg = configure(config, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    if cfg.captions_per_step % rt.world_size:
+        raise ValueError(f"captions_per_step={cfg.captions_per_step} must divide over {rt.world_size} ranks")
+    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
+    if state is not None and state["step"] >= cfg.max_steps:
+        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+        return
+    model = M.UAE.load(cfg.init_from).to(rt.device)
+    model.requires_grad_(False)
+    params = model.add_lora("transformer", cfg.lora_r, cfg.lora_alpha, M.DIT_LORA_TARGETS)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step, history = 0, []
+    if state is not None:
+        M.load_lora(model.transformer, os.path.join(cfg.out_dir, "lora_transformer"))
+        opt.load_state_dict(state["optimizer"])
+        M.set_rng_state(state["rng"])
+        step, history = state["step"], state["history"]
+        rt.print(f"resumed from {cfg.out_dir} at step {step}")
+    rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the DiT")
+    reward_fn = ReconstructionReward(load_backbone(cfg.reward_backbone, rt.device))
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
+    images = load_images(train)
+    val_captions = [r["caption"] for r in val]
+    val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if "scene" in val[0] else None
+    local = cfg.captions_per_step // rt.world_size
+    t_start, bad, first = time.time(), 0, True
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_decoder")
+    while step < cfg.max_steps:
+        t0 = time.time()
+        idx = torch.randint(0, len(train), (local,))
+        out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
+        rewards = out["rewards"]
+        stats = {"finite": False}
+        if torch.isfinite(rewards).all():
+            advantages = group_advantages(rewards, cfg.group_size).clamp(-cfg.adv_clip, cfg.adv_clip)
+            t1 = time.time()
+            stats = policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy=first)
+            out["seconds"]["policy"] = time.time() - t1
+        if not stats["finite"]:
+            bad += 1
+            rt.print(f"warning: step {step + 1} non-finite reward or loss, update skipped ({bad} in a row)")
+            if bad >= cfg.max_bad_steps:
+                raise RuntimeError(f"{cfg.max_bad_steps} non-finite steps in a row: stopping (last good checkpoint in {cfg.out_dir})")
+            continue
+        if first:  # sampling and the update must see the same numbers: ratio exactly 1 before any update
+            rt.print(f"on-policy check: max |ratio - 1| = {stats['max_ratio_error']:.2e} (must be <= 1e-5)")
+            first = False
+        bad = 0
+        step += 1
+        bar.update(1)
+        groups = rewards.view(-1, cfg.group_size)
+        row = {"step": step, "reward_mean": M.all_reduce_mean(rewards.mean()).item(),
+               "reward_std": M.all_reduce_mean(rewards.std()).item(),
+               "zero_std_groups": M.all_reduce_mean((groups.max(1).values == groups.min(1).values).float().mean()).item(),
+               "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "loss": stats["loss"],
+               "max_ratio_error": stats["max_ratio_error"], "seconds": time.time() - t0,
+               **{f"t_{k}": v for k, v in out["seconds"].items()}}
+        history.append(row)
+        if step % cfg.log_interval == 0:
+            rt.print(f"step {step} reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} kl {row['kl']:.5f} "
+                     f"clip {row['clip_fraction']:.3f} loss {row['loss']:.4f} time {row['seconds']:.1f}s")
+        if rt.master and val_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            report = probe(model, rt, val_captions, val_scenes, cfg)
+            history[-1]["probe"] = report
+            rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
+        if rt.master and (step % cfg.save_interval == 0 or step == cfg.max_steps):
+            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), step == cfg.max_steps,
+                              {"history": history})
+            with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in history)
+            plot_curve([h["reward_mean"] for h in history], os.path.join(cfg.out_dir, "reward_curve.png"), "reward mean")
+    bar.close()
+    rt.print(f"done: {step} steps in {time.time() - t_start:.0f}s")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
