@@ -33,6 +33,7 @@ config = dict(
     resume=True,  # continue from out_dir if it holds an unfinished run
     cache_features=True,  # precompute VAE latents and frozen-LLM hidden states once (shapes scale)
     new_decoder=True,  # build a fresh DiT + projector of the sizes below (shapes); False keeps init_from's (paper)
+    vae_dir="data/shapes/vae",  # with new_decoder: the world's VAE the DiT works in ("" keeps init_from's)
     dit_layers=6,  # MM-DiT joint blocks
     dit_heads=6,  # attention heads
     dit_head_dim=32,  # width per head (DiT width = heads x head_dim)
@@ -96,6 +97,10 @@ def main(argv=None):
         return
     model = M.UAE.load(cfg.init_from).to(rt.device)
     if cfg.new_decoder:
+        if cfg.vae_dir:
+            from diffusers import AutoencoderKL
+            model.vae = AutoencoderKL.from_pretrained(cfg.vae_dir).to(rt.device).requires_grad_(False)
+            model.sources.pop("vae", None)
         model.replace_decoder(M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch,
                                          cfg.joint_dim, model.pooled.numel()), cfg.projector_hidden)
     model.llm.requires_grad_(False).eval()
@@ -180,7 +185,8 @@ def main(argv=None):
                 rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
                 model.train()
             if step % cfg.save_interval == 0 or last:
-                M.save_checkpoint(cfg.out_dir, model, ("projector", "transformer"), opt, step, vars(cfg), last,
+                trained_parts = ("transformer", "vae") if cfg.new_decoder and cfg.vae_dir else ("transformer",)
+                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg), last,
                                   {"raw": raw, "ema": [e.state_dict() for e in ema]})
             for m, r in zip(trained, raw):
                 m.load_state_dict(r)

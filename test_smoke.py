@@ -591,7 +591,7 @@ def tiny_world(tmp_path_factory):
                            f"--out_dir={enc}", "--max_steps=6", "--log_interval=3", "--eval_interval=6",
                            "--save_interval=6"] + TINY_ENCODER)
     import pretrain_decoder
-    pretrain_decoder.main([f"--data_dir={root}", f"--init_from={enc}", f"--out_dir={root / 'dec'}", "--max_steps=2",
+    pretrain_decoder.main([f"--data_dir={root}", f"--init_from={enc}", f"--out_dir={root / 'dec'}", "--max_steps=2", f"--vae_dir={root / 'vae'}",
                            "--eval_interval=2", "--save_interval=2"] + TINY_DECODER)
     return root
 
@@ -623,7 +623,7 @@ def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
     import pretrain_decoder
     capsys.readouterr()
     pretrain_decoder.main([f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'enc'}", f"--out_dir={tmp_path / 'dec'}",
-                           "--max_steps=12", "--log_interval=3", "--eval_interval=12", "--save_interval=12", "--lr=2e-3",
+                           "--max_steps=12", "--log_interval=3", "--eval_interval=12", "--save_interval=12", "--lr=2e-3", f"--vae_dir={tiny_world / 'vae'}",
                            "--warmup=2", "--cond_dropout=0.0"] + TINY_DECODER)
     out = capsys.readouterr().out
     losses = _logged(out)
@@ -639,7 +639,7 @@ def test_two_process_gloo_run(tiny_world, tmp_path):
     out = tmp_path / "dec2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "pretrain_decoder.py"), f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'enc'}",
-           f"--out_dir={out}", "--max_steps=4", "--log_interval=2", "--eval_interval=4", "--save_interval=4"] + \
+           f"--out_dir={out}", "--max_steps=4", "--log_interval=2", "--eval_interval=4", "--save_interval=4", f"--vae_dir={tiny_world / 'vae'}"] + \
         [a.replace("--threads=2", "--threads=1") for a in TINY_DECODER]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
