@@ -34,20 +34,20 @@ config = dict(
     llm_hidden=128,  # LLM width
     llm_layers=3,  # LLM depth
     llm_heads=4,  # attention heads (head dim 32)
-    vision_hidden=64,  # ViT width
-    vision_layers=2,  # ViT depth
+    vision_hidden=128,  # ViT width
+    vision_layers=3,  # ViT depth
     # optimisation
-    max_steps=1200,  # optimizer steps
+    max_steps=1500,  # optimizer steps
     batch_size=64,  # global batch (split over ranks)
     lr=2e-3,  # AdamW peak learning rate
     warmup=100,  # linear warmup steps
     weight_decay=0.05,  # AdamW weight decay on matrices
     grad_clip=1.0,  # max gradient norm
     # evaluation / logging
-    eval_interval=400,  # steps between val probes (greedy captions, oracle metrics)
+    eval_interval=500,  # steps between val probes (greedy captions, oracle metrics)
     eval_n=200,  # val images per probe
     log_interval=50,  # steps between log lines
-    save_interval=400,  # steps between checkpoints
+    save_interval=500,  # steps between checkpoints
     max_new_tokens=48,  # caption length cap when probing
     device="auto",  # auto = cuda if available else cpu
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
