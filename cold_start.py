@@ -55,12 +55,8 @@ config = dict(
 
 def main(argv=None):
     cfg = configure(config, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
-    if state is not None and state["step"] >= cfg.max_steps:
-        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+    rt, state = M.start_run(cfg)
+    if state == "complete":
         return
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
@@ -122,9 +118,7 @@ def main(argv=None):
             M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg), step == cfg.max_steps,
                               {"decoder": [m.state_dict() for m in decoder]})
     bar.close()
-    rt.print(f"done: {step} steps in {time.time() - t0:.0f}s")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    M.end_run(rt, step, t0)
 
 
 if __name__ == "__main__":

@@ -124,15 +124,11 @@ def probe(model, rt, images, scenes, cfg) -> dict:
 
 def main(argv=None):
     cfg = configure(config, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt, state = M.start_run(cfg)
+    if state == "complete":
+        return
     if cfg.images_per_step % rt.world_size:
         raise ValueError(f"images_per_step={cfg.images_per_step} must divide over {rt.world_size} ranks (groups stay on one rank)")
-    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
-    if state is not None and state["step"] >= cfg.max_steps:
-        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
-        return
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
@@ -203,9 +199,7 @@ def main(argv=None):
                 f.writelines(json.dumps(h) + "\n" for h in history)
             plot_curve([h["reward_mean"] for h in history], os.path.join(cfg.out_dir, "reward_curve.png"), "reward mean")
     bar.close()
-    rt.print(f"done: {step} steps in {time.time() - t_start:.0f}s")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    M.end_run(rt, step, t_start)
 
 
 if __name__ == "__main__":

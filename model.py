@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,25 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> R
         dtype = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
     seed_everything(seed + rank)
     return Runtime(rank, local_rank, world, device, getattr(torch, dtype))
+
+
+def start_run(cfg) -> tuple[Runtime, dict | None]:
+    """What every training script does first: CPU threads, the runtime, and the state to resume from
+    (None for a fresh run). A run whose saved step reached cfg.max_steps is complete: (rt, "complete")."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    state = load_training_state(cfg.out_dir) if cfg.resume else None
+    if state is not None and state["step"] >= cfg.max_steps:
+        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+        return rt, "complete"
+    return rt, state
+
+
+def end_run(rt: Runtime, step: int, t0: float):
+    rt.print(f"done: {step} steps in {time.time() - t0:.0f}s")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int):

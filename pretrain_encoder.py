@@ -91,12 +91,8 @@ def probe(model, rt, images, scenes, max_new_tokens) -> dict:
 
 def main(argv=None):
     cfg = configure(config, argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    state = M.load_training_state(cfg.out_dir) if cfg.resume else None
-    if state is not None and state["step"] >= cfg.max_steps:
-        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+    rt, state = M.start_run(cfg)
+    if state == "complete":
         return
     # ---- model
     if state is not None:
@@ -168,9 +164,7 @@ def main(argv=None):
             if rt.master:
                 M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg), finished=step == cfg.max_steps)
     bar.close()
-    rt.print(f"done: {step} steps in {time.time() - t0:.0f}s")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    M.end_run(rt, step, t0)
 
 
 if __name__ == "__main__":
