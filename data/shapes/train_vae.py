@@ -1,6 +1,6 @@
 """Train the shapes world's VAE: a tiny diffusers `AutoencoderKL` (the class of SD3's VAE) on fresh renders.
 
-    python data/shapes/train_vae.py                    # 4 minutes of training (+~30 s of evaluation)
+    python data/shapes/train_vae.py                    # ~4 minutes of training (+~30 s of evaluation)
     python data/shapes/train_vae.py --data_dir=/tmp/shp1 --out_dir=/tmp/shp1 --threads=1
 
 Writes into out_dir:
@@ -18,7 +18,7 @@ The bar: `shapes.detect_scene(decode(encode(x)))` must equal the true scene on >
 - L1 with 10x weight on edge pixels: the oracle reads shapes from their outlines (a small triangle becomes a
   circle once its apex or its one-pixel base corners blur away), and plain L1 spends the budget on flat areas;
 - infinite data: every batch is freshly rendered (~0.1 ms per image), so there is nothing to overfit;
-- bf16 autocast (~1.5x on this CPU), a high peak lr with warmup, and a cosine over the wall-clock budget.
+- bf16 autocast (~1.5x on this CPU), a high peak lr with warmup, and a cosine schedule.
 """
 import json
 import math
@@ -49,8 +49,7 @@ config = dict(
     latent_channels=8,  # 16x16x8 latent
     norm_num_groups=8,  # must divide every entry of block_out_channels
     mid_block_add_attention=False,  # keeps the VAE fully convolutional, so crop training transfers to 64x64
-    train_seconds=240.0,  # wall-clock budget of training; the lr schedule runs over it
-    max_steps=100000,  # step cap (the time budget normally ends training first)
+    max_steps=1300,  # optimizer steps (~4 minutes here; 1,300 steps measured 100% exact on 3 seeds of 4)
     batch_size=32,  # crops per step
     crop=32,  # training crop side, at a random multiple of the downsampling factor
     max_objects=9,  # training scenes have 1..max_objects objects (val has 1-4): more edges per crop
@@ -99,8 +98,8 @@ def train(vae: AutoencoderKL, cfg) -> dict:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
     vae.train()
     t0, step, losses = time.time(), 0, []
-    while step < cfg.max_steps and time.time() - t0 < cfg.train_seconds:
-        progress = min(1.0, (time.time() - t0) / cfg.train_seconds)  # cosine over wall time: the budget is time
+    while step < cfg.max_steps:
+        progress = step / cfg.max_steps
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (
             cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
