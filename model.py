@@ -359,6 +359,12 @@ class UAE(nn.Module):
         # DESIGN §3: Linear(h, 8192) -> GELU -> Linear(8192, 4096) into encoder_hidden_states
         self.projector = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(), nn.Linear(projector_hidden, d))
         self.register_buffer("pooled", pooled.reshape(1, -1).float())  # constant pooled_projections
+        # DiT latents z = (vae latent - shift) * scale, per channel. SD3 uses one scalar pair (the VAE
+        # config's); a VAE trained for exactness has channels of very different mean/std, and a scalar
+        # scale leaves some of them at a fraction of the noise's std (low SNR, slow to learn).
+        c = vae.config
+        self.register_buffer("latent_shift", torch.full((c.latent_channels,), float(c.shift_factor or 0.0)))
+        self.register_buffer("latent_scale", torch.full((c.latent_channels,), float(c.scaling_factor)))
         self.max_text_tokens, self.caption_prompt = max_text_tokens, caption_prompt
         self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
         self.lora = {}  # part -> {"r", "alpha", "targets"} for adapters injected into llm / transformer
@@ -463,7 +469,8 @@ class UAE(nn.Module):
             else:
                 raise ValueError(f"UAE.save: part '{part}' was built in memory and must be in trained={trained}")
         save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projector.state_dict().items()} |
-                  {"pooled": self.pooled.cpu()}, os.path.join(directory, "projector.safetensors"))
+                  {"pooled": self.pooled.cpu(), "latent_shift": self.latent_shift.cpu(), "latent_scale": self.latent_scale.cpu()},
+                  os.path.join(directory, "projector.safetensors"))
         for part, spec in self.lora.items():
             save_lora(getattr(self, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"],
                       spec["targets"], parts[part])
@@ -491,12 +498,14 @@ class UAE(nn.Module):
         vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype, low_cpu_mem_usage=False)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
         weights = load_file(os.path.join(directory, "projector.safetensors"))
-        pooled = weights.pop("pooled")
+        pooled, shift, scale = weights.pop("pooled"), weights.pop("latent_shift"), weights.pop("latent_scale")
         # without accelerate, diffusers may keep fp32 weights despite dtype= (DESIGN §10): cast explicitly
         transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
         model.projector.load_state_dict(weights)
+        model.latent_shift.copy_(shift)
+        model.latent_scale.copy_(scale)
         return model
 
     def add_lora(self, part: str, r: int, alpha: float, targets: list[str], init: str = "gaussian") -> list[nn.Parameter]:
@@ -640,13 +649,12 @@ class UAE(nn.Module):
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         dist_ = self.vae.encode((2 * x - 1).to(self.device, self.vae.dtype)).latent_dist
         z = dist_.sample(generator) if sample else dist_.mode()
-        c = self.vae.config
-        return (z.float() - (c.shift_factor or 0.0)) * c.scaling_factor
+        return (z.float() - self.latent_shift.view(1, -1, 1, 1)) * self.latent_scale.view(1, -1, 1, 1)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """DiT latents -> images in [0, 1], float (B, 3, H, W)."""
-        c = self.vae.config
-        x = self.vae.decode((z / c.scaling_factor + (c.shift_factor or 0.0)).to(self.vae.dtype)).sample
+        z = z.float() / self.latent_scale.view(1, -1, 1, 1) + self.latent_shift.view(1, -1, 1, 1)
+        x = self.vae.decode(z.to(self.vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()

@@ -83,6 +83,19 @@ def latents_of(model, rt, images, batch=32) -> torch.Tensor:
 
 
 @torch.no_grad()
+def set_latent_stats(model, rt, cfg, n=2000):
+    """Per-channel shift / scale of the new VAE's latents (mean 0, std 1 per channel) from n train images."""
+    records = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))[:n]
+    model.latent_shift.zero_()
+    model.latent_scale.fill_(1.0)
+    raw = latents_of(model, rt, load_images(records))
+    model.latent_shift.copy_(raw.mean((0, 2, 3)))
+    model.latent_scale.copy_(1 / raw.std((0, 2, 3)))
+    rt.print("latent shift " + " ".join(f"{v:.2f}" for v in model.latent_shift.tolist())
+             + " | scale " + " ".join(f"{v:.2f}" for v in model.latent_scale.tolist()))
+
+
+@torch.no_grad()
 def probe(model, rt, captions, scenes, cfg, generator) -> dict:
     images = []
     for i in range(0, len(captions), 50):
@@ -102,6 +115,7 @@ def main(argv=None):
             from diffusers import AutoencoderKL
             model.vae = AutoencoderKL.from_pretrained(cfg.vae_dir).to(rt.device).requires_grad_(False)
             model.sources.pop("vae", None)
+            set_latent_stats(model, rt, cfg)
         model.replace_decoder(M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch,
                                          cfg.joint_dim, model.pooled.numel()), cfg.projector_hidden)
     model.llm.requires_grad_(False).eval()
