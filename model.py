@@ -498,14 +498,16 @@ class UAE(nn.Module):
         vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype, low_cpu_mem_usage=False)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
         weights = load_file(os.path.join(directory, "projector.safetensors"))
-        pooled, shift, scale = weights.pop("pooled"), weights.pop("latent_shift"), weights.pop("latent_scale")
+        # latent stats absent (a checkpoint written before they existed): the VAE config's scalar pair
+        pooled, shift, scale = weights.pop("pooled"), weights.pop("latent_shift", None), weights.pop("latent_scale", None)
         # without accelerate, diffusers may keep fp32 weights despite dtype= (DESIGN §10): cast explicitly
         transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
         model.projector.load_state_dict(weights)
-        model.latent_shift.copy_(shift)
-        model.latent_scale.copy_(scale)
+        if shift is not None:
+            model.latent_shift.copy_(shift)
+            model.latent_scale.copy_(scale)
         return model
 
     def add_lora(self, part: str, r: int, alpha: float, targets: list[str], init: str = "gaussian") -> list[nn.Parameter]:

@@ -86,11 +86,12 @@ def latents_of(model, rt, images, batch=32) -> torch.Tensor:
 def set_latent_stats(model, rt, cfg, n=2000):
     """Per-channel shift / scale of the new VAE's latents (mean 0, std 1 per channel) from n train images."""
     records = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))[:n]
-    model.latent_shift.zero_()
-    model.latent_scale.fill_(1.0)
+    channels = model.vae.config.latent_channels
+    model.latent_shift = torch.zeros(channels, device=rt.device)  # identity first: measure raw latents
+    model.latent_scale = torch.ones(channels, device=rt.device)
     raw = latents_of(model, rt, load_images(records))
-    model.latent_shift.copy_(raw.mean((0, 2, 3)))
-    model.latent_scale.copy_(1 / raw.std((0, 2, 3)))
+    model.latent_shift = raw.mean((0, 2, 3)).to(rt.device)
+    model.latent_scale = (1 / raw.std((0, 2, 3))).to(rt.device)
     rt.print("latent shift " + " ".join(f"{v:.2f}" for v in model.latent_shift.tolist())
              + " | scale " + " ".join(f"{v:.2f}" for v in model.latent_scale.tolist()))
 
