@@ -12,7 +12,6 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import model as M
 import shapes
 from configurator import configure
-from data import load_images, plot_curve, read_jsonl
+from data import load_images, read_jsonl
 from reward import ReconstructionReward, group_advantages, load_backbone
 
 config = dict(
@@ -184,10 +183,7 @@ def main(argv=None):
         bad = 0
         step += 1
         bar.update(1)
-        groups = rewards.view(-1, cfg.group_size)
-        row = {"step": step, "reward_mean": M.all_reduce_mean(rewards.mean()).item(),
-               "reward_std": M.all_reduce_mean(rewards.std()).item(),
-               "zero_std_groups": M.all_reduce_mean((groups.max(1).values == groups.min(1).values).float().mean()).item(),
+        row = {"step": step, **M.group_reward_stats(rewards, cfg.group_size),
                "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "loss": stats["loss"],
                "max_ratio_error": stats["max_ratio_error"], "seconds": time.time() - t0,
                **{f"t_{k}": v for k, v in out["seconds"].items()}}
@@ -200,11 +196,7 @@ def main(argv=None):
             history[-1]["probe"] = report
             rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
         if rt.master and (step % cfg.save_interval == 0 or step == cfg.max_steps):
-            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), step == cfg.max_steps,
-                              {"history": history})
-            with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
-                f.writelines(json.dumps(h) + "\n" for h in history)
-            plot_curve([h["reward_mean"] for h in history], os.path.join(cfg.out_dir, "reward_curve.png"), "reward mean")
+            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), step == cfg.max_steps, history=history)
     bar.close()
     M.end_run(rt, step, t_start)
 

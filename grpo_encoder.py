@@ -12,7 +12,6 @@ relative advantages, so the encoder learns to say what it used to leave out (DES
 Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
 reward_curve.png.
 """
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import model as M
 import shapes
 from configurator import configure
-from data import load_images, plot_curve, read_jsonl
+from data import load_images, read_jsonl
 from reward import ReconstructionReward, group_advantages, load_backbone
 
 config = dict(
@@ -174,10 +173,7 @@ def main(argv=None):
         bad = 0
         step += 1
         bar.update(1)
-        groups = rewards.view(-1, cfg.group_size)
-        row = {"step": step, "reward_mean": M.all_reduce_mean(rewards.mean()).item(),
-               "reward_std": M.all_reduce_mean(rewards.std()).item(),
-               "zero_std_groups": M.all_reduce_mean((groups.max(1).values == groups.min(1).values).float().mean()).item(),
+        row = {"step": step, **M.group_reward_stats(rewards, cfg.group_size),
                "kl": M.all_reduce_mean(stats["kl"].float()).item(), "clip_fraction": M.all_reduce_mean(stats["clip_fraction"]).item(),
                "loss": M.all_reduce_mean(stats["loss"].float()).item(),
                "caption_length": M.all_reduce_mean(out["captions"].mask.float().sum(1).mean()).item(),
@@ -193,11 +189,7 @@ def main(argv=None):
             rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "example")
                      + f" | {report['example']}")
         if rt.master and (step % cfg.save_interval == 0 or step == cfg.max_steps):
-            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), step == cfg.max_steps,
-                              {"history": history})
-            with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:  # every step so far, one JSON line each
-                f.writelines(json.dumps(h) + "\n" for h in history)
-            plot_curve([h["reward_mean"] for h in history], os.path.join(cfg.out_dir, "reward_curve.png"), "reward mean")
+            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), step == cfg.max_steps, history=history)
     bar.close()
     M.end_run(rt, step, t_start)
 

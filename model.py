@@ -99,14 +99,26 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def group_reward_stats(rewards: torch.Tensor, group_size: int) -> dict:
+    """Reward mean / std and the fraction of groups whose rewards are all equal (no GRPO signal),
+    averaged over ranks."""
+    groups = rewards.view(-1, group_size)
+    zero_std = (groups.max(1).values == groups.min(1).values).float().mean()
+    return {"reward_mean": all_reduce_mean(rewards.mean()).item(), "reward_std": all_reduce_mean(rewards.std()).item(),
+            "zero_std_groups": all_reduce_mean(zero_std).item()}
+
+
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """All RNG states in types torch.load(weights_only=True) accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -150,22 +162,27 @@ def all_reduce_grads(params):
 
 
 def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict, finished: bool = False,
-                    extra: dict | None = None):
-    """Atomically write weights (model.save), optimizer, step, config and RNG states into out_dir."""
+                    extra: dict | None = None, history: list[dict] | None = None):
+    """Atomically write weights (model.save), optimizer, step, config and RNG states into out_dir.
+    An RL run's per-step `history` also goes in, as log.jsonl and reward_curve.png."""
+    from data import plot_curve
     with atomic_dir(out_dir) as tmp:
         model.save(tmp, trained)
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng_state(),
-                    "finished": finished, **(extra or {})}, os.path.join(tmp, "training_state.pt"))
+                    "finished": finished, "history": history, **(extra or {})}, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
+        if history is not None:
+            with open(os.path.join(tmp, "log.jsonl"), "w") as f:  # every step so far, one JSON line each
+                f.writelines(json.dumps(row) + "\n" for row in history)
+            plot_curve([row["reward_mean"] for row in history], os.path.join(tmp, "reward_curve.png"), "reward mean")
 
 
 def load_training_state(directory: str) -> dict | None:
     path = os.path.join(directory, "training_state.pt")
     if not os.path.exists(path):
         return None
-    # the numpy RNG state holds numpy arrays, which weights_only refuses; this file is our own
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ============================================================================ LoRA (hand-written)
