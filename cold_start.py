@@ -61,7 +61,7 @@ def main(argv=None):
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     lora = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
-    decoder = [model.projector, model.transformer]
+    decoder = model.decoder_modules()
     decoder_params = [p for m in decoder for p in m.parameters()]
     for p in decoder_params:
         p.requires_grad_(True)
@@ -93,7 +93,7 @@ def main(argv=None):
         model.train()
         with rt.autocast():
             logp, hidden = model.caption_logprobs(captions.prompt, captions.ids, 1.0, return_hidden=True)
-            cond = model.projector(hidden)
+            cond = model.project(hidden)
             negative = model.negative_condition(local_batch) if cfg.cfg_scale != 1.0 else None
             x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps, cfg.cfg_scale, negative))
         source = reward_fn.source_features(x.float().div(255).to(rt.device), idx.tolist())

@@ -353,7 +353,7 @@ def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample
     return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, step_std
 
 
-def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled_dim=32):
+def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled_dim=32, qk_norm=None):
     """An SD3 MM-DiT sized for the VAE's latent grid (shapes scale)."""
     from diffusers import SD3Transformer2DModel
     latent = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
@@ -361,7 +361,7 @@ def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled
         sample_size=latent, patch_size=patch, in_channels=vae.config.latent_channels, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
         caption_projection_dim=heads * head_dim, pooled_projection_dim=pooled_dim,
-        out_channels=vae.config.latent_channels, pos_embed_max_size=latent // patch)
+        out_channels=vae.config.latent_channels, pos_embed_max_size=latent // patch, qk_norm=qk_norm)
 
 
 class UAE(nn.Module):
@@ -375,6 +375,7 @@ class UAE(nn.Module):
         h, d = llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
         # DESIGN §3: Linear(h, 8192) -> GELU -> Linear(8192, 4096) into encoder_hidden_states
         self.projector = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(), nn.Linear(projector_hidden, d))
+        self.text_positions = None  # optional learned embedding of each text token's index (replace_decoder)
         self.register_buffer("pooled", pooled.reshape(1, -1).float())  # constant pooled_projections
         # DiT latents z = (vae latent - shift) * scale, per channel. SD3 uses one scalar pair (the VAE
         # config's); a VAE trained for exactness has channels of very different mean/std, and a scalar
@@ -428,11 +429,18 @@ class UAE(nn.Module):
         return cls(llm, processor, transformer, vae, scheduler, projector_hidden, torch.zeros(32),
                    max_text_tokens, caption_prompt)
 
-    def replace_decoder(self, transformer, projector_hidden: int):
-        """A fresh DiT + projector (pretrain_decoder at the shapes scale sizes its own decoder)."""
+    def replace_decoder(self, transformer, projector_hidden: int, text_positions: bool = False):
+        """A fresh DiT + projector (pretrain_decoder at the shapes scale sizes its own decoder).
+        text_positions adds a learned, zero-initialised embedding of each text token's index to the
+        projector input: the MM-DiT has no positional encoding on its text stream and relies on the
+        LLM's states to carry word order (see condition())."""
         self.transformer = transformer.to(self.device)
         h, d = self.llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
         self.projector = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(), nn.Linear(projector_hidden, d)).to(self.device)
+        self.text_positions = None
+        if text_positions:
+            self.text_positions = nn.Embedding(self.max_text_tokens, h).to(self.device)
+            nn.init.zeros_(self.text_positions.weight)
         self.sources.pop("transformer", None)
 
     @classmethod
@@ -485,7 +493,8 @@ class UAE(nn.Module):
                 parts[part] = os.path.abspath(self.sources[part])
             else:
                 raise ValueError(f"UAE.save: part '{part}' was built in memory and must be in trained={trained}")
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in self.projector.state_dict().items()} |
+        positions = {} if self.text_positions is None else {"text_positions": self.text_positions.weight}
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in (self.projector.state_dict() | positions).items()} |
                   {"pooled": self.pooled.cpu(), "latent_shift": self.latent_shift.cpu(), "latent_scale": self.latent_scale.cpu()},
                   os.path.join(directory, "projector.safetensors"))
         for part, spec in self.lora.items():
@@ -517,11 +526,14 @@ class UAE(nn.Module):
         weights = load_file(os.path.join(directory, "projector.safetensors"))
         # latent stats absent (a checkpoint written before they existed): the VAE config's scalar pair
         pooled, shift, scale = weights.pop("pooled"), weights.pop("latent_shift", None), weights.pop("latent_scale", None)
+        positions = weights.pop("text_positions", None)
         # without accelerate, diffusers may keep fp32 weights despite dtype= (DESIGN §10): cast explicitly
         transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
         model.projector.load_state_dict(weights)
+        if positions is not None:
+            model.text_positions = nn.Embedding.from_pretrained(positions.to(dtype), freeze=False)
         if shift is not None:
             model.latent_shift.copy_(shift)
             model.latent_scale.copy_(scale)
@@ -599,7 +611,17 @@ class UAE(nn.Module):
 
     def condition(self, texts: list[str]) -> torch.Tensor:
         """Caption -> DiT encoder_hidden_states (B, max_text_tokens, joint_attention_dim)."""
-        return self.projector(self.text_hidden_states(texts))
+        return self.project(self.text_hidden_states(texts))
+
+    def decoder_modules(self) -> list[nn.Module]:
+        """What the decoder trains on top of the frozen LLM: text positions (if any), projector, DiT."""
+        return [m for m in (self.text_positions, self.projector, self.transformer) if m is not None]
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LLM hidden states (B, T, h) -> DiT encoder_hidden_states (B, T, joint_attention_dim)."""
+        if self.text_positions is not None:
+            hidden = hidden + self.text_positions.weight[:hidden.shape[1]].to(hidden.dtype)
+        return self.projector(hidden)
 
     def velocity(self, latents, sigma, cond):
         """Rectified-flow velocity v = eps - x0 predicted by the DiT (SD3 timestep = 1000 sigma)."""

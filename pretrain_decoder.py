@@ -34,28 +34,32 @@ config = dict(
     cache_features=True,  # precompute VAE latents and frozen-LLM hidden states once (shapes scale)
     new_decoder=True,  # build a fresh DiT + projector of the sizes below (shapes); False keeps init_from's (paper)
     vae_dir="data/shapes/vae",  # with new_decoder: the world's VAE the DiT works in ("" keeps init_from's)
-    dit_layers=6,  # MM-DiT joint blocks
-    dit_heads=6,  # attention heads
+    dit_layers=4,  # MM-DiT joint blocks
+    dit_heads=4,  # attention heads
     dit_head_dim=32,  # width per head (DiT width = heads x head_dim)
-    dit_patch=2,  # latent patch size
-    joint_dim=192,  # projector output = DiT encoder_hidden_states width
+    dit_patch=4,  # latent patch size: 16x16 latents -> 16 image tokens (patch 2: 64 tokens, ~3x the cost per sample)
+    qk_norm="rms_norm",  # RMSNorm on queries and keys, as in SD3.5 ("" = none, as in SD3)
+    joint_dim=128,  # projector output = DiT encoder_hidden_states width
     projector_hidden=512,  # projector MLP width (paper: 8192)
+    max_text_tokens=48,  # with new_decoder: caption tokens the decoder reads (the world's 4-object captions take <= 39)
+    text_positions=True,  # with new_decoder: learned text-position embedding into the projector (model.replace_decoder)
     # optimisation
-    max_steps=1500,  # optimizer steps
-    batch_size=64,  # global batch (split over ranks)
-    lr=5e-4,  # AdamW peak learning rate
+    max_steps=6000,  # optimizer steps
+    batch_size=32,  # global batch (split over ranks)
+    lr=1e-3,  # AdamW peak learning rate
     warmup=100,  # linear warmup steps
     weight_decay=0.0,  # AdamW weight decay
     grad_clip=1.0,  # max gradient norm
+    timestep_mean=0.0,  # location m of the logit-normal timestep density (SD3 §3.1; m > 0 favours high noise)
     cond_dropout=0.1,  # P(caption -> "") so CFG has an unconditional branch
     ema_decay=0.995,  # EMA of projector + DiT weights, used for sampling and saved
     # evaluation / logging
-    eval_interval=500,  # steps between GenEval-shapes probes
+    eval_interval=1000,  # steps between GenEval-shapes probes
     eval_n=100,  # val captions per probe
     sample_steps=20,  # Euler steps when probing
     cfg_scale=3.0,  # guidance when probing
     log_interval=50,  # steps between log lines
-    save_interval=500,  # steps between checkpoints
+    save_interval=1000,  # steps between checkpoints
     device="auto",  # auto = cuda if available else cpu
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
     seed=1337,  # base seed (+ rank)
@@ -105,6 +109,21 @@ def probe(model, rt, captions, scenes, cfg, generator) -> dict:
     return shapes.generation_report(torch.cat(images), scenes)
 
 
+@torch.no_grad()
+def text_reliance(model, rt, latents, hidden, generator, sigma=0.8) -> float:
+    """x0 error when denoising from sigma with each image's own caption, divided by the error with
+    another image's caption: 1.0 = the decoder ignores the text; lower = it reads it. At high noise
+    the caption is the only source of the layout, so this shows text use long before samples do."""
+    noise = torch.randn(latents.shape, generator=generator, device=rt.device)
+    x_t = (1 - sigma) * latents + sigma * noise
+    errors = []
+    for h in (hidden, hidden.roll(1, 0)):
+        with rt.autocast():
+            v = model.velocity(x_t, torch.tensor(sigma, device=rt.device), model.project(h))
+        errors.append(((x_t - sigma * v.float() - latents) ** 2).mean())
+    return (errors[0] / errors[1]).item()
+
+
 def main(argv=None):
     cfg = configure(config, argv)
     rt, state = M.start_run(cfg)
@@ -117,10 +136,11 @@ def main(argv=None):
             model.vae = AutoencoderKL.from_pretrained(cfg.vae_dir).to(rt.device).requires_grad_(False)
             model.sources.pop("vae", None)
             set_latent_stats(model, rt, cfg)
+        model.max_text_tokens = cfg.max_text_tokens
         model.replace_decoder(M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch,
-                                         cfg.joint_dim, model.pooled.numel()), cfg.projector_hidden)
+                                         cfg.joint_dim, model.pooled.numel(), cfg.qk_norm or None), cfg.projector_hidden, cfg.text_positions)
     model.llm.requires_grad_(False).eval()
-    trained = [model.projector, model.transformer]
+    trained = model.decoder_modules()
     params = [p for m in trained for p in m.parameters()]
     ema = copy.deepcopy(trained)
     for m in ema:
@@ -148,6 +168,8 @@ def main(argv=None):
         latents, hidden = latents_of(model, rt, images), text_features(model, rt, captions)
         rt.print(f"cached {tuple(latents.shape)} latents and {tuple(hidden.shape)} text states in {time.time() - t0:.0f}s")
     empty = text_features(model, rt, [""])
+    val_latents = latents_of(model, rt, load_images(val)).to(rt.device)
+    val_hidden = text_features(model, rt, val_captions).to(rt.device)
     local_batch = cfg.batch_size // rt.world_size
     eval_gen = torch.Generator(device=rt.device)
     # ---- loop
@@ -165,14 +187,14 @@ def main(argv=None):
                 x0, h = model.encode_images(images[idx]), model.text_hidden_states([captions[i] for i in idx.tolist()])
         drop = torch.rand(local_batch) < cfg.cond_dropout
         h = torch.where(drop.view(-1, 1, 1).to(rt.device), empty.to(rt.device, h.dtype), h)
-        sigma = torch.sigmoid(torch.randn(local_batch, device=rt.device))  # logit-normal timesteps
+        sigma = torch.sigmoid(cfg.timestep_mean + torch.randn(local_batch, device=rt.device))  # logit-normal timesteps
         shift = model.scheduler.config.shift  # the same resolution shift the sampler's schedule uses
         sigma = shift * sigma / (1 + (shift - 1) * sigma)
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         with rt.autocast():
-            v = model.velocity(x_t, sigma, model.projector(h))
+            v = model.velocity(x_t, sigma, model.project(h))
         loss = F.mse_loss(v.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -198,6 +220,7 @@ def main(argv=None):
                 model.eval()
                 eval_gen.manual_seed(cfg.seed)
                 report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen)
+                report["text_reliance"] = text_reliance(model, rt, val_latents, val_hidden, eval_gen)
                 rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
                 model.train()
             if step % cfg.save_interval == 0 or last:

@@ -517,6 +517,24 @@ def test_uae_save_load_identical_outputs(tiny_uae, tmp_path):
         M.UAE.load(str(tmp_path))
 
 
+def test_text_positions_start_neutral_and_survive_save_load(tiny_uae, tmp_path):
+    import copy
+    model = copy.deepcopy(tiny_uae)
+    dit = M.tiny_dit(model.vae, 1, 2, 16, 2, 32, model.pooled.numel(), qk_norm="rms_norm")
+    model.replace_decoder(dit, 32, text_positions=True)
+    hidden = model.text_hidden_states(["a red circle.", "a small blue square at the top."])
+    with torch.no_grad():
+        assert torch.equal(model.project(hidden), model.projector(hidden))  # zero-initialised: the paper's projector
+        model.text_positions.weight.normal_()
+        assert not torch.allclose(model.project(hidden), model.projector(hidden))
+        model.save(str(tmp_path / "ckpt"), trained=("llm", "processor", "transformer", "vae", "scheduler"))
+        loaded = M.UAE.load(str(tmp_path / "ckpt")).eval()
+        assert torch.equal(loaded.text_positions.weight, model.text_positions.weight)
+        assert loaded.transformer.config.qk_norm == "rms_norm"
+        torch.testing.assert_close(loaded.condition(["a red circle."]), model.condition(["a red circle."]))
+    assert len(loaded.decoder_modules()) == 3 and len(tiny_uae.decoder_modules()) == 2
+
+
 def test_caption_logprobs_equal_teacher_forced(tiny_uae):
     images, _ = _scene_images(2)
     torch.manual_seed(0)
@@ -628,7 +646,7 @@ def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
     out = capsys.readouterr().out
     losses = _logged(out)
     assert len(losses) == 4 and min(losses[2:]) < losses[0]
-    assert "eval step 12 overall" in out
+    assert "eval step 12 overall" in out and " text_reliance " in out
     loaded = M.UAE.load(str(tmp_path / "dec"))  # references the encoder's parts, holds its own decoder
     meta = json.loads((tmp_path / "dec" / "model.json").read_text())
     assert meta["parts"]["transformer"] == "transformer" and os.path.isabs(meta["parts"]["llm"])
