@@ -41,7 +41,7 @@ config = dict(
     sample_steps=4,  # steps of the differentiable sampler (released code: 10)
     cfg_scale=1.0,  # guidance inside the differentiable sampler
     temperature=0.7,  # sampling temperature of the captions read back
-    max_new_tokens=64,  # caption length cap
+    max_new_tokens=40,  # caption length cap (+ the generate-turn prefix <= the decoder's max_text_tokens)
     ce_weight=1.0,  # weight of the caption cross-entropy that keeps captioning intact
     grad_clip=1.0,  # max gradient norm
     log_interval=10,  # steps between log lines
@@ -93,7 +93,7 @@ def main(argv=None):
         model.train()
         with rt.autocast():
             logp, hidden = model.caption_logprobs(captions.prompt, captions.ids, 1.0, return_hidden=True)
-            cond = model.project(hidden)
+            cond = model.project(hidden, offset=model.generate_prefix_tokens())  # the positions a generate turn gives them
             negative = model.negative_condition(local_batch) if cfg.cfg_scale != 1.0 else None
             x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps, cfg.cfg_scale, negative))
         source = reward_fn.source_features(x.float().div(255).to(rt.device), idx.tolist())

@@ -617,11 +617,22 @@ class UAE(nn.Module):
         """What the decoder trains on top of the frozen LLM: text positions (if any), projector, DiT."""
         return [m for m in (self.text_positions, self.projector, self.transformer) if m is not None]
 
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LLM hidden states (B, T, h) -> DiT encoder_hidden_states (B, T, joint_attention_dim)."""
+    def project(self, hidden: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """LLM hidden states (B, T, h) -> DiT encoder_hidden_states (B, T, joint_attention_dim). `offset`
+        is the index of hidden[:, 0] in a generate-role turn (cold start feeds caption tokens only)."""
         if self.text_positions is not None:
-            hidden = hidden + self.text_positions.weight[:hidden.shape[1]].to(hidden.dtype)
+            table = self.text_positions.weight
+            if offset + hidden.shape[1] > table.shape[0]:
+                raise ValueError(f"{hidden.shape[1]} text tokens at offset {offset} exceed the decoder's "
+                                 f"{table.shape[0]} text positions (max_text_tokens)")
+            hidden = hidden + table[offset:offset + hidden.shape[1]].to(hidden.dtype)
         return self.projector(hidden)
+
+    def generate_prefix_tokens(self) -> int:
+        """How many tokens precede the caption in a generate-role turn (<|im_start|>generate ...)."""
+        tok = self.tokenizer
+        empty = tok(tok.apply_chat_template([{"role": "generate", "content": ""}], tokenize=False))["input_ids"]
+        return len(empty) - len(tok(tok.eos_token + "\n")["input_ids"])
 
     def velocity(self, latents, sigma, cond):
         """Rectified-flow velocity v = eps - x0 predicted by the DiT (SD3 timestep = 1000 sigma)."""

@@ -5,7 +5,7 @@ paper pretrains it on 700K long captions so it can follow fine-grained text (DES
 
     python pretrain_decoder.py
     torchrun --standalone --nproc_per_node=2 pretrain_decoder.py
-    torchrun --nproc_per_node=8 pretrain_decoder.py config/paper_pretrain_decoder.py
+    torchrun --nproc_per_node=8 pretrain_decoder.py config/paper_pretrain_decoder.py --data_dir=/data/longcap
 
 Loss: SD3's rectified flow. x_t = (1 - s) x0 + s eps with s = sigmoid(u), u ~ N(0, 1) (logit-normal
 timesteps, Esser et al. 2024 §3.1), target v = eps - x0, plain MSE. Captions are replaced by the empty
@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from tqdm import tqdm
 
 import model as M
@@ -28,9 +29,13 @@ from data import load_images, read_jsonl
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
-    init_from="out/pretrain_encoder",  # UAE checkpoint whose LLM conditions the decoder
+    init_from="out/pretrain_encoder",  # UAE checkpoint whose LLM conditions the decoder, or "pretrained" (paper)
+    qwen_dir="",  # with init_from="pretrained": local Qwen2.5-VL-3B-Instruct directory
+    sd3_dir="",  # with init_from="pretrained": local SD3.5-Large diffusers pipeline directory
+    weights_dtype="float32",  # with init_from="pretrained": dtype the checkpoints are loaded in
     out_dir="out/pretrain_decoder",  # checkpoint directory
     resume=True,  # continue from out_dir if it holds an unfinished run
+    image_size=0,  # resize images to this square size on load (0 = as stored; paper: 1024)
     cache_features=True,  # precompute VAE latents and frozen-LLM hidden states once (shapes scale)
     new_decoder=True,  # build a fresh DiT + projector of the sizes below (shapes); False keeps init_from's (paper)
     vae_dir="data/shapes/vae",  # with new_decoder: the world's VAE the DiT works in ("" keeps init_from's)
@@ -50,6 +55,7 @@ config = dict(
     warmup=100,  # linear warmup steps
     weight_decay=0.0,  # AdamW weight decay
     grad_clip=1.0,  # max gradient norm
+    timestep_shift=3.0,  # with new_decoder: the scheduler's sigma shift, used by training and sampling (SD3: 3.0)
     timestep_mean=0.0,  # location m of the logit-normal timestep density (SD3 §3.1; m > 0 favours high noise)
     cond_dropout=0.1,  # P(caption -> "") so CFG has an unconditional branch
     ema_decay=0.995,  # EMA of projector + DiT weights, used for sampling and saved
@@ -110,7 +116,7 @@ def probe(model, rt, captions, scenes, cfg, generator) -> dict:
 
 
 @torch.no_grad()
-def text_reliance(model, rt, latents, hidden, generator, sigma=0.8) -> float:
+def text_reliance(model, rt, latents, hidden, generator, sigma=0.9) -> float:
     """x0 error when denoising from sigma with each image's own caption, divided by the error with
     another image's caption: 1.0 = the decoder ignores the text; lower = it reads it. At high noise
     the caption is the only source of the layout, so this shows text use long before samples do."""
@@ -129,14 +135,17 @@ def main(argv=None):
     rt, state = M.start_run(cfg)
     if state == "complete":
         return
-    model = M.UAE.load(cfg.init_from).to(rt.device)
+    if cfg.init_from == "pretrained":  # paper scale: the first UAE, straight from the two released checkpoints
+        model = M.UAE.from_pretrained(cfg.qwen_dir, cfg.sd3_dir, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
+    else:
+        model = M.UAE.load(cfg.init_from).to(rt.device)
     if cfg.new_decoder:
         if cfg.vae_dir:
-            from diffusers import AutoencoderKL
             model.vae = AutoencoderKL.from_pretrained(cfg.vae_dir).to(rt.device).requires_grad_(False)
             model.sources.pop("vae", None)
             set_latent_stats(model, rt, cfg)
         model.max_text_tokens = cfg.max_text_tokens
+        model.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config, shift=cfg.timestep_shift)
         model.replace_decoder(M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch,
                                          cfg.joint_dim, model.pooled.numel(), cfg.qk_norm or None), cfg.projector_hidden, cfg.text_positions)
     model.llm.requires_grad_(False).eval()
@@ -161,14 +170,15 @@ def main(argv=None):
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     captions = [r["caption"] for r in train]
-    val_captions, val_scenes = [r["caption"] for r in val], [shapes.scene_from_json(r["scene"]) for r in val]
-    images = load_images(train)
+    val_captions = [r["caption"] for r in val]
+    # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5 "scene")
+    val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if all("scene" in r for r in val) else None
     t0 = time.time()
     if cfg.cache_features:  # the LLM and VAE are frozen: their outputs are fixed, compute them once
-        latents, hidden = latents_of(model, rt, images), text_features(model, rt, captions)
+        latents, hidden = latents_of(model, rt, load_images(train, cfg.image_size or None)), text_features(model, rt, captions)
         rt.print(f"cached {tuple(latents.shape)} latents and {tuple(hidden.shape)} text states in {time.time() - t0:.0f}s")
     empty = text_features(model, rt, [""])
-    val_latents = latents_of(model, rt, load_images(val)).to(rt.device)
+    val_latents = latents_of(model, rt, load_images(val, cfg.image_size or None)).to(rt.device)
     val_hidden = text_features(model, rt, val_captions).to(rt.device)
     local_batch = cfg.batch_size // rt.world_size
     eval_gen = torch.Generator(device=rt.device)
@@ -184,7 +194,8 @@ def main(argv=None):
             x0, h = latents[idx].to(rt.device), hidden[idx].to(rt.device)
         else:
             with torch.no_grad(), rt.autocast():
-                x0, h = model.encode_images(images[idx]), model.text_hidden_states([captions[i] for i in idx.tolist()])
+                x0 = model.encode_images(load_images([train[i] for i in idx.tolist()], cfg.image_size or None))  # paper scale: never all in memory
+                h = model.text_hidden_states([captions[i] for i in idx.tolist()])
         drop = torch.rand(local_batch) < cfg.cond_dropout
         h = torch.where(drop.view(-1, 1, 1).to(rt.device), empty.to(rt.device, h.dtype), h)
         sigma = torch.sigmoid(cfg.timestep_mean + torch.randn(local_batch, device=rt.device))  # logit-normal timesteps
@@ -219,12 +230,13 @@ def main(argv=None):
             if step % cfg.eval_interval == 0 or last:
                 model.eval()
                 eval_gen.manual_seed(cfg.seed)
-                report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen)
+                report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen) if val_scenes else {}
                 report["text_reliance"] = text_reliance(model, rt, val_latents, val_hidden, eval_gen)
                 rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
                 model.train()
             if step % cfg.save_interval == 0 or last:
-                trained_parts = ("transformer", "vae") if cfg.new_decoder and cfg.vae_dir else ("transformer",)
+                trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
+                                (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
                 M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg), last,
                                   {"raw": raw, "ema": [e.state_dict() for e in ema]})
             for m, r in zip(trained, raw):

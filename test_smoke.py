@@ -533,6 +533,16 @@ def test_text_positions_start_neutral_and_survive_save_load(tiny_uae, tmp_path):
         assert loaded.transformer.config.qk_norm == "rms_norm"
         torch.testing.assert_close(loaded.condition(["a red circle."]), model.condition(["a red circle."]))
     assert len(loaded.decoder_modules()) == 3 and len(tiny_uae.decoder_modules()) == 2
+    # cold start feeds caption tokens only: they get the positions they hold in a generate turn
+    prefix = model.generate_prefix_tokens()
+    ids = model.tokenizer(model.tokenizer.apply_chat_template([{"role": "generate", "content": "a red circle."}],
+                                                              tokenize=False))["input_ids"]
+    assert model.tokenizer.decode(ids[prefix:prefix + 3]) == "a red circle"
+    with torch.no_grad():
+        caption_only = hidden[:, prefix:prefix + 3]
+        torch.testing.assert_close(model.project(caption_only, offset=prefix), model.project(hidden)[:, prefix:prefix + 3])
+    with pytest.raises(ValueError, match="exceed the decoder's 24 text positions"):
+        model.project(hidden, offset=20)
 
 
 def test_caption_logprobs_equal_teacher_forced(tiny_uae):
@@ -650,7 +660,7 @@ def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
     loaded = M.UAE.load(str(tmp_path / "dec"))  # references the encoder's parts, holds its own decoder
     meta = json.loads((tmp_path / "dec" / "model.json").read_text())
     assert meta["parts"]["transformer"] == "transformer" and os.path.isabs(meta["parts"]["llm"])
-    assert loaded.transformer.config.num_layers == 1
+    assert loaded.transformer.config.num_layers == 1 and loaded.scheduler.config.shift == 3.0  # the decoder's own schedule
 
 
 def test_two_process_gloo_run(tiny_world, tmp_path):
@@ -929,6 +939,27 @@ def test_from_pretrained_bf16_casts_every_part(paper_dirs, paper_uae):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # how the scripts run (Runtime.autocast)
         images = m.generate(["a cat"], steps=1, generator=torch.Generator().manual_seed(0))
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_pretrain_decoder_from_the_paper_checkpoints(paper_dirs, tiny_world, capsys, tmp_path):
+    """The paper-scale entry: init_from=pretrained builds the first UAE from the two checkpoint
+    directories and trains its projector + DiT on any JSONL folder (no scenes: no GenEval probe)."""
+    import pretrain_decoder
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):  # a user's folder: image + caption only
+        rows = [json.loads(line) for line in (tiny_world / f"{split}.jsonl").read_text().splitlines()][:8]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"image": str(tiny_world / r["image"]), "caption": r["caption"]}) + "\n" for r in rows))
+    capsys.readouterr()
+    pretrain_decoder.main([os.path.join(REPO, "config", "paper_pretrain_decoder.py"), f"--data_dir={data}",
+                           f"--qwen_dir={paper_dirs[0]}", f"--sd3_dir={paper_dirs[1]}", f"--out_dir={tmp_path / 'dec'}",
+                           "--weights_dtype=float32", "--image_size=32", "--batch_size=2", "--max_steps=2", "--warmup=1",
+                           "--eval_n=2", "--sample_steps=2", "--log_interval=1", "--threads=1"])
+    out = capsys.readouterr().out
+    assert len(_logged(out)) == 2 and "text_reliance" in out and "overall" not in out
+    meta = json.loads((tmp_path / "dec" / "model.json").read_text())
+    assert meta["parts"]["llm"] == os.path.abspath(paper_dirs[0])  # the frozen LLM is referenced, not copied
+    assert meta["parts"]["transformer"] == "transformer"
 
 
 def test_save_references_sources_and_load_reproduces(paper_dirs, paper_uae, tmp_path):

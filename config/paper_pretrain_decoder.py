@@ -1,0 +1,21 @@
+# Paper scale (DESIGN §2, §4.2): projector + SD3.5-Large MM-DiT on long captions, Qwen2.5-VL-3B frozen.
+#   torchrun --nproc_per_node=8 pretrain_decoder.py config/paper_pretrain_decoder.py --data_dir=/data/longcap
+# data_dir holds train.jsonl / val.jsonl of (image, long caption) lines (DESIGN §5). The GenEval-shapes
+# probe only means something on the shapes world; here it is disabled by a large eval_interval.
+init_from = "pretrained"
+qwen_dir = "/ckpt/Qwen2.5-VL-3B-Instruct"
+sd3_dir = "/ckpt/stable-diffusion-3.5-large"
+weights_dtype = "bfloat16"  # 3B + 8B parameters: fp32 weights and AdamW state would not fit one GPU
+out_dir = "out/paper_pretrain_decoder"
+new_decoder = False  # keep SD3.5's DiT and VAE; only the projector is new
+vae_dir = ""
+image_size = 1024  # SD3.5-Large's native resolution
+cache_features = False  # 700K images: encode on the fly
+batch_size = 64
+lr = 1e-4
+warmup = 1000
+max_steps = 20000
+cfg_scale = 5.0  # the released inference setting
+sample_steps = 40
+eval_interval = 10 ** 9
+save_interval = 1000
