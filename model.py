@@ -603,7 +603,8 @@ class UAE(nn.Module):
     def text_hidden_states(self, texts: list[str]) -> torch.Tensor:
         """Last-layer LLM hidden states of every token of a `generate`-role chat turn holding the caption,
         padded to max_text_tokens (fixed, like SD3's T5 sequence, so a caption's conditioning never
-        depends on what else is in the batch)."""
+        depends on what else is in the batch). Longer turns are cut at max_text_tokens, as SD3 cuts
+        T5's: the decoder cannot read further (shapes: 48 tokens, the longest 4-object caption takes 39)."""
         chats = [self.tokenizer.apply_chat_template([{"role": "generate", "content": t}], tokenize=False) for t in texts]
         enc = self.tokenizer(chats, padding="max_length", max_length=self.max_text_tokens, truncation=True,
                              return_tensors="pt", padding_side="right").to(self.device)

@@ -61,4 +61,13 @@ table += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for n, v 
 table.append(f"\nwall time (this invocation): {result['wall_seconds']} s")
 open(f"{out}/results.md", "w").write("\n".join(table) + "\n")
 print("\n".join(table))
+# the picture: source | base caption + reconstruction | RL caption + reconstruction (first 8 bench images)
+import numpy as np
+from PIL import Image
+from data import read_jsonl, save_grid
+pixels = lambda path: np.asarray(Image.open(path).convert("RGB"))
+lines = {n: [json.loads(l) for l in open(f"{out}/eval_{n}/captions.jsonl")][:8] for n in ("base", "grpo_decoder")}
+rows = [(pixels(src["image_path"]),) + sum(((lines[n][i]["caption"], pixels(f"{out}/eval_{n}/reconstructions/{lines[n][i]['image']}"))
+                                            for n in ("base", "grpo_decoder")), ()) for i, src in enumerate(read_jsonl("data/shapes/bench.jsonl")[:8])]
+save_grid(rows, f"{out}/base_vs_rl.png", text_width=240)
 EOF
