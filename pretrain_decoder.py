@@ -7,10 +7,16 @@ paper pretrains it on 700K long captions so it can follow fine-grained text (DES
     torchrun --standalone --nproc_per_node=2 pretrain_decoder.py
     torchrun --nproc_per_node=8 pretrain_decoder.py config/paper_pretrain_decoder.py --data_dir=/data/longcap
 
-Loss: SD3's rectified flow. x_t = (1 - s) x0 + s eps with s = sigmoid(u), u ~ N(0, 1) (logit-normal
-timesteps, Esser et al. 2024 §3.1), target v = eps - x0, plain MSE. Captions are replaced by the empty
-string with probability cond_dropout so the same network gives the unconditional velocity for CFG.
-The checkpoint holds the EMA weights (what sampling uses); the raw weights sit in training_state.pt.
+Loss: SD3's rectified flow. x_t = (1 - s) x0 + s eps with s = sigmoid(u), u ~ N(m, 1) (logit-normal
+timesteps, Esser et al. 2024 §3.1), shifted by the scheduler's shift s' = k s / (1 + (k - 1) s), target
+v = eps - x0, plain MSE. Captions are replaced by the empty string with probability cond_dropout so the
+same network gives the unconditional velocity for CFG. The checkpoint holds the EMA weights (what
+sampling uses); the raw weights sit in training_state.pt.
+
+Measured on the shapes world: the layout is decided at high noise (at sigma 0.8 the noisy latent
+already shows where objects are), so without a shift the DiT barely learns to read the caption; with
+shift 3 the eval line's text_reliance (x0 error with the right / a wrong caption at sigma 0.9) falls
+to 0.56 in 3,000 steps, with shift 6 to 0.45.
 """
 import copy
 import os
