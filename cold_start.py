@@ -82,6 +82,7 @@ def main(argv=None):
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
     images = load_images(train)
     local_batch = cfg.batch_size // rt.world_size
+    caption_offset = model.generate_prefix_tokens()  # caption states get the positions a generate turn gives them
     t0 = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
     while step < cfg.max_steps:
@@ -93,7 +94,7 @@ def main(argv=None):
         model.train()
         with rt.autocast():
             logp, hidden = model.caption_logprobs(captions.prompt, captions.ids, 1.0, return_hidden=True)
-            cond = model.project(hidden, offset=model.generate_prefix_tokens())  # the positions a generate turn gives them
+            cond = model.project(hidden, offset=caption_offset)
             negative = model.negative_condition(local_batch) if cfg.cfg_scale != 1.0 else None
             x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps, cfg.cfg_scale, negative))
         source = reward_fn.source_features(x.float().div(255).to(rt.device), idx.tolist())

@@ -364,6 +364,11 @@ def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled
         out_channels=vae.config.latent_channels, pos_embed_max_size=latent // patch, qk_norm=qk_norm)
 
 
+def projector_mlp(llm_hidden: int, hidden: int, joint_dim: int) -> nn.Sequential:
+    """DESIGN §3: Linear(h, 8192) -> GELU -> Linear(8192, 4096) into the DiT's encoder_hidden_states."""
+    return nn.Sequential(nn.Linear(llm_hidden, hidden), nn.GELU(), nn.Linear(hidden, joint_dim))
+
+
 class UAE(nn.Module):
     """LLM (Qwen2.5-VL) + projector + MM-DiT (SD3) + VAE, with the flow-matching scheduler."""
 
@@ -373,8 +378,7 @@ class UAE(nn.Module):
         self.llm, self.processor, self.transformer, self.vae, self.scheduler = llm, processor, transformer, vae, scheduler
         self.tokenizer = processor.tokenizer
         h, d = llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
-        # DESIGN §3: Linear(h, 8192) -> GELU -> Linear(8192, 4096) into encoder_hidden_states
-        self.projector = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(), nn.Linear(projector_hidden, d))
+        self.projector = projector_mlp(h, projector_hidden, d)
         self.text_positions = None  # optional learned embedding of each text token's index (replace_decoder)
         self.register_buffer("pooled", pooled.reshape(1, -1).float())  # constant pooled_projections
         # DiT latents z = (vae latent - shift) * scale, per channel. SD3 uses one scalar pair (the VAE
@@ -436,7 +440,7 @@ class UAE(nn.Module):
         LLM's states to carry word order (see condition())."""
         self.transformer = transformer.to(self.device)
         h, d = self.llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
-        self.projector = nn.Sequential(nn.Linear(h, projector_hidden), nn.GELU(), nn.Linear(projector_hidden, d)).to(self.device)
+        self.projector = projector_mlp(h, projector_hidden, d).to(self.device)
         self.text_positions = None
         if text_positions:
             self.text_positions = nn.Embedding(self.max_text_tokens, h).to(self.device)

@@ -179,12 +179,13 @@ def main(argv=None):
     val_captions = [r["caption"] for r in val]
     # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5 "scene")
     val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if all("scene" in r for r in val) else None
+    size = cfg.image_size or None  # None: as stored
     t0 = time.time()
     if cfg.cache_features:  # the LLM and VAE are frozen: their outputs are fixed, compute them once
-        latents, hidden = latents_of(model, rt, load_images(train, cfg.image_size or None)), text_features(model, rt, captions)
+        latents, hidden = latents_of(model, rt, load_images(train, size)), text_features(model, rt, captions)
         rt.print(f"cached {tuple(latents.shape)} latents and {tuple(hidden.shape)} text states in {time.time() - t0:.0f}s")
     empty = text_features(model, rt, [""])
-    val_latents = latents_of(model, rt, load_images(val, cfg.image_size or None)).to(rt.device)
+    val_latents = latents_of(model, rt, load_images(val, size)).to(rt.device)
     val_hidden = text_features(model, rt, val_captions).to(rt.device)
     local_batch = cfg.batch_size // rt.world_size
     eval_gen = torch.Generator(device=rt.device)
@@ -200,7 +201,7 @@ def main(argv=None):
             x0, h = latents[idx].to(rt.device), hidden[idx].to(rt.device)
         else:
             with torch.no_grad(), rt.autocast():
-                x0 = model.encode_images(load_images([train[i] for i in idx.tolist()], cfg.image_size or None))  # paper scale: never all in memory
+                x0 = model.encode_images(load_images([train[i] for i in idx.tolist()], size))  # paper scale: never all in memory
                 h = model.text_hidden_states([captions[i] for i in idx.tolist()])
         drop = torch.rand(local_batch) < cfg.cond_dropout
         h = torch.where(drop.view(-1, 1, 1).to(rt.device), empty.to(rt.device, h.dtype), h)
