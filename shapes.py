@@ -1,6 +1,6 @@
 """The shapes world: a tiny, fully verifiable stand-in for natural images (DESIGN §6, §7).
 
-A scene is 1-4 (up to 9) coloured shapes in distinct cells of a 3x3 grid on a 64x64 canvas. Every
+A scene is 1-4 (up to 9) coloured shapes in distinct cells of a 3x3 grid on a 48x48 canvas. Every
 image and every caption can be parsed back into its scene without any learning, so all metrics here
 are exact oracles:
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-CANVAS = 64
+CANVAS = 48  # 3 cells of 16 px: with the f=4 VAE and DiT patch 4 one image token is exactly one cell
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 COLORS = {  # well separated in RGB: the closest pair (blue, purple) is >110 apart, noise sigma is 8
     "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
@@ -26,10 +26,11 @@ COLORS = {  # well separated in RGB: the closest pair (blue, purple) is >110 apa
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("large", "small")
 BACKGROUND = (245, 245, 240)
-EXTENT = {"large": 16, "small": 8}  # side of the bounding box in pixels
-JITTER = 2  # max |offset| from the cell centre; large objects (16 + 2*2 px) stay inside 21-px cells
-CELL_CENTERS = (11, 32, 53)
-CELL_EDGES = (0, 22, 43, CANVAS)  # pixel ranges of the three rows/columns
+EXTENT = {"large": 12, "small": 6}  # side of the bounding box in pixels
+JITTER = 1  # max |offset| from the cell centre; large objects (12 + 2*1 px) stay inside 16-px cells
+CELL = CANVAS // 3
+CELL_CENTERS = (CELL // 2, CELL + CELL // 2, 2 * CELL + CELL // 2)
+CELL_EDGES = (0, CELL, 2 * CELL, CANVAS)  # pixel ranges of the three rows/columns
 SHORT_MENTION_P = {"large": 0.7, "small": 0.1}  # DESIGN §6: large often, small about 1 in 10
 SHORT_ATTRIBUTE_P = 0.3  # chance that a short caption states the size / the position of a mention
 CAPTION_PROMPT = "describe this image in detail."  # the encoder's instruction (the paper's: "Given an input image, generate a textual description ...")
@@ -90,7 +91,7 @@ def object_mask(obj: Obj) -> np.ndarray:
 
 
 def render(scene: tuple) -> np.ndarray:
-    """Scene -> (64, 64, 3) uint8 image with hard edges (so the oracle is exact on clean renders)."""
+    """Scene -> (48, 48, 3) uint8 image with hard edges (so the oracle is exact on clean renders)."""
     image = np.empty((CANVAS, CANVAS, 3), np.uint8)
     image[:] = BACKGROUND
     for obj in scene:
@@ -151,7 +152,7 @@ def parse_caption(text: str) -> tuple:
 
 _PALETTE = np.array([BACKGROUND] + list(COLORS.values()), np.float32)
 _COLOR_NAMES = list(COLORS)
-MIN_OBJECT_PIXELS = 12  # a small triangle has ~28 px; specks left by a diffusion model have fewer
+MIN_OBJECT_PIXELS = 12  # a small triangle has 18 px; specks left by a diffusion model have fewer
 MAX_COLOR_DISTANCE = 90.0  # pixels farther than this from every palette colour are ignored
 
 
@@ -181,7 +182,7 @@ def classify_blob(pixels: np.ndarray) -> tuple[str, str]:
     (square 1.0, circle pi/4 = 0.79, triangle 0.5)."""
     h, w = pixels.max(0) - pixels.min(0) + 1
     fill = len(pixels) / (h * w)
-    size = "large" if max(h, w) >= 12 else "small"
+    size = "large" if max(h, w) > (EXTENT["large"] + EXTENT["small"]) / 2 else "small"
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     return size, shape
 

@@ -110,11 +110,11 @@ def test_tokenizer_round_trip_chat_template_and_processor(tmp_path):
     # the real Qwen2.5-VL processor accepts it and expands the image pad to the image's token count
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-    sizes = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=64 * 64, max_pixels=64 * 64)
+    sizes = dict(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=shapes.CANVAS ** 2, max_pixels=shapes.CANVAS ** 2)
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tok,
                                     video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=shapes.CHAT_TEMPLATE)
     batch = processor(text=[prompt], images=[shapes.render(scene)], return_tensors="pt")
-    assert (batch["input_ids"] == tok.image_token_id).sum() == (64 // 8) ** 2 // 4
+    assert (batch["input_ids"] == tok.image_token_id).sum() == (shapes.CANVAS // 8) ** 2 // 4
 
 
 # ----------------------------------------------------------------------------- configurator
@@ -158,7 +158,7 @@ def _write_dataset(root, n=3):
 def test_jsonl_reading_and_clear_errors(tmp_path):
     lines = _write_dataset(tmp_path)
     records = read_jsonl(str(tmp_path / "train.jsonl"))
-    assert len(records) == 3 and load_images(records).shape == (3, 3, 64, 64)
+    assert len(records) == 3 and load_images(records).shape == (3, 3, shapes.CANVAS, shapes.CANVAS)
     (tmp_path / "images" / "1.png").unlink()
     with pytest.raises(DataError, match=r"train.jsonl:2: cannot read image .*1.png"):
         load_images(read_jsonl(str(tmp_path / "train.jsonl")))
@@ -251,7 +251,7 @@ def test_open_clip_backbone_matches_encode_image(shapes_clip, shapes_clip_file):
     backbone.train()  # a parent's .train() must not unfreeze dropout-like behaviour
     assert not backbone.training
     torch.manual_seed(1)
-    for size in ((64, 64), (50, 90), (150, 90)):  # native, upsampled, downsampled + cropped
+    for size in ((shapes.CANVAS, shapes.CANVAS), (50, 90), (150, 90)):  # native, upsampled, downsampled + cropped
         images = torch.rand(3, 3, *size)
         feats = backbone(images)
         assert feats.shape == (3, 128) and feats.dtype == torch.float32
@@ -291,7 +291,7 @@ def test_open_clip_longclip_style_and_torchscript_checkpoints(shapes_clip, tmp_p
     holder.forward = lambda x: holder.visual(x)
     with warnings.catch_warnings():  # tracing is only our way to produce such an archive
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(holder, torch.rand(1, 3, 64, 64), check_trace=False)
+        traced = torch.jit.trace(holder, torch.rand(1, 3, shapes.CANVAS, shapes.CANVAS), check_trace=False)
     torch.jit.save(traced, tmp_path / "openai.pt")
     backbone = load_backbone(f"open_clip:ShapesCLIP:{tmp_path / 'openai.pt'}", device="cpu")
     torch.testing.assert_close(backbone(images), expected, atol=1e-5, rtol=1e-5)
@@ -444,7 +444,7 @@ def _tiny_vae(path=None):
     torch.manual_seed(0)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
                         up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 8], latent_channels=4,
-                        norm_num_groups=4, sample_size=64, layers_per_block=1)
+                        norm_num_groups=4, sample_size=shapes.CANVAS, layers_per_block=1)
     if path is not None:
         vae.save_pretrained(path)
     return vae
@@ -593,7 +593,7 @@ def test_sde_sampler_shapes_and_cfg(tiny_uae):
     assert out["log_probs"].shape == (2, 3) and torch.isfinite(out["log_probs"]).all()
     assert out["means"].shape == (2, 3) + tiny_uae.latent_shape(1)[1:]
     images = tiny_uae.decode_latents(out["latents"][:, -1])
-    assert images.shape == (2, 3, 64, 64) and images.min() >= 0 and images.max() <= 1
+    assert images.shape == (2, 3, shapes.CANVAS, shapes.CANVAS) and images.min() >= 0 and images.max() <= 1
 
 
 # ----------------------------------------------------------------------------- training scripts, end to end
@@ -660,7 +660,7 @@ def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
     loaded = M.UAE.load(str(tmp_path / "dec"))  # references the encoder's parts, holds its own decoder
     meta = json.loads((tmp_path / "dec" / "model.json").read_text())
     assert meta["parts"]["transformer"] == "transformer" and os.path.isabs(meta["parts"]["llm"])
-    assert loaded.transformer.config.num_layers == 1 and loaded.scheduler.config.shift == 3.0  # the decoder's own schedule
+    assert loaded.transformer.config.num_layers == 1 and loaded.scheduler.config.shift == pretrain_decoder.config["timestep_shift"]  # the decoder's own schedule
 
 
 def test_two_process_gloo_run(tiny_world, tmp_path):
@@ -1095,7 +1095,7 @@ def test_eval_unified_folder_scoring_matches_independent_cosine(tiny_world, tmp_
     spec = f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"
     results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
         f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}", f"--clip={spec}"]))
-    # independent: open_clip's own model + its own preprocessing (64x64 input, normalise) + plain cosine
+    # independent: open_clip's own model + its own preprocessing (48x48 input, normalise) + plain cosine
     open_clip.add_model_config(os.path.join(REPO, "config", "open_clip"))
     clip = open_clip.create_model("ShapesCLIP", pretrained=str(tiny_world / "shapes_clip.pt")).eval()
     mean, std = torch.tensor(clip.visual.preprocess_cfg["mean"]).view(3, 1, 1), torch.tensor(clip.visual.preprocess_cfg["std"]).view(3, 1, 1)

@@ -5,7 +5,7 @@
 
 Writes into this folder:
     {train,val,bench}.jsonl   {"image", "caption" (long), "short_caption", "scene"} per line
-    images/{split}/NNNNNN.png 64x64 RGB renders
+    images/{split}/NNNNNN.png 48x48 RGB renders
     tokenizer/                the world's word-level tokenizer (Qwen2.5-VL special tokens + chat template)
     shapes_clip.pt            the reward backbone: a small open_clip "ShapesCLIP" (config/open_clip/)
                               trained contrastively on (image, long caption), loaded by reward.py as

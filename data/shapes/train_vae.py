@@ -1,6 +1,6 @@
 """Train the shapes world's VAE: a tiny diffusers `AutoencoderKL` (the class of SD3's VAE) on fresh renders.
 
-    python data/shapes/train_vae.py                    # ~4 minutes of training with 1 thread (+~30 s of evaluation)
+    python data/shapes/train_vae.py                    # ~3 minutes of training with 1 thread (+~20 s of evaluation)
     python data/shapes/train_vae.py --data_dir=/tmp/shp1 --out_dir=/tmp/shp1 --threads=1
 
 Writes into out_dir:
@@ -9,11 +9,12 @@ Writes into out_dir:
     vae_report.json   parameters, training time, oracle exactness on val, latent statistics, codec speed
 
 The bar: `shapes.detect_scene(decode(encode(x)))` must equal the true scene on >= 99% of val images, after
-~4 minutes of CPU training. What gets there (exactness on fresh renders after 4 minutes with 1 thread; the
-ablations ran with batches of 32 crops of 32x32, which cost the same per step and also reached the bar):
+a few minutes of CPU training. What gets there (measured on the first, 64x64 version of the world: exactness
+on fresh renders after 4 minutes with 1 thread; the ablations ran with batches of 32 crops of 32x32, which cost
+the same per step and also reached the bar; on today's 48x48 world the defaults reach 100% in 174 s):
 - L1 with 10x weight on edge pixels: the oracle reads shapes from their outlines (a small triangle becomes a
   circle once its apex or its one-pixel base corners blur away); plain L1 got 72% exact, mostly small triangles;
-- f=4 with 8 latent channels (64x64x3 -> 16x16x8): 4 channels got 92-100% depending on the seed, f=8 with 16
+- f=4 with 8 latent channels (64x64x3 -> 16x16x8; 48x48x3 -> 12x12x8 today): 4 channels got 92-100% depending on the seed, f=8 with 16
   channels 78%;
 - many small steps: batches of 8 images, ~1,300 steps (a first try with 300 steps of 32 images, 4 latent
   channels, attention and plain L1 got 0.2%);
@@ -46,13 +47,13 @@ config = dict(
     data_dir=HERE,  # dataset folder from prepare.py (val.jsonl for the exactness check, train.jsonl for latent stats)
     out_dir=HERE,  # where vae/ and vae_report.json go
     seed=0,  # torch init / sampling and the scene stream
-    block_out_channels=(16, 32, 64),  # 3 levels = downsampling factor 4; narrow at 64x64, where convs cost most
+    block_out_channels=(16, 32, 64),  # 3 levels = downsampling factor 4; narrow at full resolution, where convs cost most
     layers_per_block=1,  # resnets per encoder level (the decoder gets one more)
-    latent_channels=8,  # 16x16x8 latent
+    latent_channels=8,  # 48x48x3 -> 12x12x8 latent
     norm_num_groups=8,  # must divide every entry of block_out_channels
     mid_block_add_attention=False,  # SD's VAE has it; here it costs ~20% of a step and learned slower per second
-    max_steps=1300,  # optimizer steps; the lr schedule runs over them (~180 ms each with 1 thread here: ~4 min)
-    batch_size=8,  # fresh 64x64 renders per step: small batches give more steps in the budget
+    max_steps=1300,  # optimizer steps; the lr schedule runs over them (~134 ms each with 1 thread here: ~3 min)
+    batch_size=8,  # fresh renders per step: small batches give more steps in the budget
     max_objects=9,  # training scenes have 1..max_objects objects (val has 1-4): more edges per image
     lr=3e-3,  # AdamW peak learning rate
     warmup=50,  # linear warmup steps
