@@ -7,8 +7,11 @@ those of the real code paths) into a scratch directory, then reads their per-ste
     python bench.py --init_from=out/x --script_args="--images_per_step=16 --group_size=8"
 
 Prints per kind: median seconds per step and its split (caption generation / image decoding or
-sampling / reward / policy forward-backward), samples per second, and peak memory (CUDA: max
-allocated; CPU: growth of the process's peak RSS). The first step is warm-up and is excluded.
+sampling / reward / policy forward-backward), samples per second, peak memory (CUDA: max
+allocated; CPU: growth of the process's peak RSS), FLOPs per step and MFU (DESIGN §9): the step's
+FLOPs (torch's FlopCounterMode on a 2-step minus a 1-step run: the second step alone) per median
+second, as a fraction of this machine's measured matmul peak in the autocast dtype (nanoGPT's MFU,
+with a measured rather than a datasheet peak). The first timed step is warm-up and is excluded.
 Speed and memory targets live here, not in tests.
 """
 import json
@@ -17,8 +20,10 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from configurator import configure
 
@@ -29,6 +34,7 @@ config = dict(
     steps=4,  # steps per kind (the first is warm-up)
     kinds="encoder,decoder",  # which GRPO steps to time
     script_args="",  # extra --key=value flags for both scripts (space separated)
+    peak_dtype="bfloat16",  # MFU denominator: matmul peak in this dtype (the scripts' autocast dtype)
     device="auto",  # auto = cuda if available else cpu
     threads=0,  # torch CPU threads (0 = default)
 )
@@ -38,18 +44,44 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def bench(kind: str, cfg) -> dict:
+def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 8) -> float:
+    """Best-of-reps FLOP/s of an n x n matmul: what this machine can actually reach in `dtype`."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(reps + 1):  # the first is warm-up
+        sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def run_script(script, cfg, out: str, steps: int, count_flops: bool = False) -> float:
+    """One run of the real script for `steps` steps; returns the FLOPs it executed when counted."""
+    args = [f"--init_from={cfg.init_from}", f"--data_dir={cfg.data_dir}", f"--out_dir={out}",
+            f"--reward_backbone={cfg.reward_backbone}", f"--max_steps={steps}", f"--save_interval={steps}",
+            f"--eval_interval={10 ** 9}", f"--device={cfg.device}", f"--threads={cfg.threads}"] + cfg.script_args.split()
+    if not count_flops:
+        script.main(args)
+        return 0.0
+    with FlopCounterMode(display=False) as counter:
+        script.main(args)
+    return float(counter.get_total_flops())
+
+
+def bench(kind: str, cfg, peak: float) -> dict:
     import grpo_decoder
     import grpo_encoder
     script = {"encoder": grpo_encoder, "decoder": grpo_decoder}[kind]
     out = tempfile.mkdtemp(prefix=f"bench_{kind}_")
-    args = [f"--init_from={cfg.init_from}", f"--data_dir={cfg.data_dir}", f"--out_dir={out}/ckpt",
-            f"--reward_backbone={cfg.reward_backbone}", f"--max_steps={cfg.steps}", f"--save_interval={cfg.steps}",
-            f"--eval_interval={10 ** 9}", f"--device={cfg.device}", f"--threads={cfg.threads}"] + cfg.script_args.split()
+    # FLOPs of one step = a 2-step run minus a 1-step run (setup, source caching and saving cancel out)
+    step_flops = run_script(script, cfg, f"{out}/f2", 2, True) - run_script(script, cfg, f"{out}/f1", 1, True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_before = peak_rss_mb()
-    script.main(args)
+    run_script(script, cfg, f"{out}/ckpt", cfg.steps)
     memory = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else peak_rss_mb() - rss_before
     rows = [json.loads(line) for line in open(f"{out}/ckpt/log.jsonl")][1:]  # drop the warm-up step
     run = json.load(open(f"{out}/ckpt/config.json"))
@@ -57,13 +89,19 @@ def bench(kind: str, cfg) -> dict:
     samples = run["group_size"] * run["images_per_step" if kind == "encoder" else "captions_per_step"]
     median = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0] if k == "seconds" or k.startswith("t_")}
     return {"kind": kind, "median_seconds_per_step": median, "samples_per_second": round(samples / median["seconds"], 2),
-            "samples_per_step": samples, "peak_memory_mb": round(memory, 1)}
+            "samples_per_step": samples, "peak_memory_mb": round(memory, 1), "gflops_per_step": round(step_flops / 1e9, 2),
+            "mfu": round(step_flops / median["seconds"] / peak, 4)}
 
 
 def main(argv=None):
     cfg = configure(config, argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    peak = matmul_peak(getattr(torch, cfg.peak_dtype), device)
+    print(json.dumps({"device": device, "threads": torch.get_num_threads(), f"matmul_peak_gflops_{cfg.peak_dtype}": round(peak / 1e9, 1)}))
     for kind in cfg.kinds.split(","):
-        print(json.dumps(bench(kind, cfg)))
+        print(json.dumps(bench(kind, cfg, peak)))
 
 
 if __name__ == "__main__":

@@ -1046,6 +1046,20 @@ def test_grpo_encoder_steps_resume_and_peft_layout(tiny_world, capsys, tmp_path)
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
 
 
+def test_bench_reports_time_memory_and_mfu(tiny_world, capsys):
+    import bench
+    capsys.readouterr()
+    bench.main([f"--init_from={tiny_world / 'dec'}", f"--data_dir={tiny_world}", "--kinds=encoder", "--steps=2", "--threads=2",
+                f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}",
+                "--script_args=--images_per_step=2 --group_size=3 --max_new_tokens=8 --decode_steps=2 --lora_r=4 --lora_alpha=8"])
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert lines[0]["matmul_peak_gflops_bfloat16"] > 0
+    row = lines[1]
+    assert row["kind"] == "encoder" and row["samples_per_step"] == 6
+    assert set(row["median_seconds_per_step"]) >= {"seconds", "t_caption", "t_decode", "t_reward", "t_policy"}
+    assert row["gflops_per_step"] > 0 and 0 < row["mfu"] < 1  # a step above the matmul peak would be a counting bug
+
+
 def test_grpo_encoder_two_process_gloo(tiny_world, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(REPO, "grpo_encoder.py")] + _grpo_encoder_args(tiny_world, tmp_path / "g2") + \
