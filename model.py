@@ -388,6 +388,7 @@ class UAE(nn.Module):
         self.register_buffer("latent_shift", torch.full((c.latent_channels,), float(c.shift_factor or 0.0)))
         self.register_buffer("latent_scale", torch.full((c.latent_channels,), float(c.scaling_factor)))
         self.max_text_tokens, self.caption_prompt = max_text_tokens, caption_prompt
+        self.prediction = "velocity"  # what the DiT outputs: "velocity" (SD3) or "sample" (x0; see velocity())
         self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
         self.lora = {}  # part -> {"r", "alpha", "targets"} for adapters injected into llm / transformer
         # A caption may not contain image/vision/chat-control tokens (an image pad in a completion would
@@ -433,11 +434,15 @@ class UAE(nn.Module):
         return cls(llm, processor, transformer, vae, scheduler, projector_hidden, torch.zeros(32),
                    max_text_tokens, caption_prompt)
 
-    def replace_decoder(self, transformer, projector_hidden: int, text_positions: bool = False):
+    def replace_decoder(self, transformer, projector_hidden: int, text_positions: bool = False,
+                        prediction: str = "velocity"):
         """A fresh DiT + projector (pretrain_decoder at the shapes scale sizes its own decoder).
         text_positions adds a learned, zero-initialised embedding of each text token's index to the
         projector input: the MM-DiT has no positional encoding on its text stream and relies on the
-        LLM's states to carry word order (see condition())."""
+        LLM's states to carry word order (see condition()). prediction: see velocity()."""
+        if prediction not in ("velocity", "sample"):
+            raise ValueError(f"prediction must be 'velocity' or 'sample', got {prediction!r}")
+        self.prediction = prediction
         self.transformer = transformer.to(self.device)
         h, d = self.llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
         self.projector = projector_mlp(h, projector_hidden, d).to(self.device)
@@ -506,7 +511,8 @@ class UAE(nn.Module):
                       spec["targets"], parts[part])
         with open(os.path.join(directory, "model.json"), "w") as f:
             json.dump({"parts": parts, "projector_hidden": self.projector[0].out_features,
-                       "max_text_tokens": self.max_text_tokens, "caption_prompt": self.caption_prompt}, f, indent=1)
+                       "max_text_tokens": self.max_text_tokens, "caption_prompt": self.caption_prompt,
+                       "prediction": self.prediction}, f, indent=1)
 
     @classmethod
     def load(cls, directory: str, dtype=torch.float32):
@@ -536,6 +542,7 @@ class UAE(nn.Module):
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
         model.projector.load_state_dict(weights)
+        model.prediction = meta.get("prediction", "velocity")  # checkpoints written before the option: SD3's
         if positions is not None:
             model.text_positions = nn.Embedding.from_pretrained(positions.to(dtype), freeze=False)
         if shift is not None:
@@ -640,11 +647,21 @@ class UAE(nn.Module):
         return len(empty) - len(tok(tok.eos_token + "\n")["input_ids"])
 
     def velocity(self, latents, sigma, cond):
-        """Rectified-flow velocity v = eps - x0 predicted by the DiT (SD3 timestep = 1000 sigma)."""
+        """Rectified-flow velocity v = eps - x0 at noise level sigma (SD3 timestep = 1000 sigma).
+
+        With prediction "sample" the DiT outputs the clean latent x0_hat and v = (x_t - x0_hat) / sigma
+        (x-prediction, Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"): a
+        velocity-predicting DiT must copy the input noise through its width, which a token carrying as
+        many latent values as it has channels cannot do (measured on the shapes world: x0 error at
+        sigma 0.95 above the data variance even with a perfect per-cell condition). sigma is clamped at
+        0.05 as there; the loss and every sampler see only v, so nothing else changes."""
         sigma = sigma.expand(latents.shape[0]) if sigma.dim() == 0 else sigma
-        return self.transformer(hidden_states=latents, encoder_hidden_states=cond,
-                                pooled_projections=self.pooled.expand(latents.shape[0], -1).to(cond.dtype),
-                                timestep=sigma * 1000).sample
+        out = self.transformer(hidden_states=latents, encoder_hidden_states=cond,
+                               pooled_projections=self.pooled.expand(latents.shape[0], -1).to(cond.dtype),
+                               timestep=sigma * 1000).sample
+        if self.prediction == "velocity":
+            return out
+        return (latents - out) / sigma.clamp(min=0.05).view(-1, *([1] * (latents.dim() - 1))).to(out.dtype)
 
     def guided_velocity(self, latents, sigma, cond, negative, cfg_scale: float):
         """Classifier-free guidance: v_neg + s (v_cond - v_neg), one batched forward."""

@@ -54,6 +54,7 @@ config = dict(
     projector_hidden=512,  # projector MLP width (paper: 8192)
     max_text_tokens=48,  # with new_decoder: caption tokens the decoder reads (the world's 4-object captions take <= 39)
     text_positions=True,  # with new_decoder: learned text-position embedding into the projector (model.replace_decoder)
+    prediction="sample",  # with new_decoder: the DiT outputs x0 ("sample") or the velocity ("velocity", SD3); see model.velocity
     # optimisation
     max_steps=6000,  # optimizer steps
     batch_size=32,  # global batch (split over ranks)
@@ -63,6 +64,7 @@ config = dict(
     grad_clip=1.0,  # max gradient norm
     timestep_shift=6.0,  # with new_decoder: the scheduler's sigma shift, used by training and sampling (SD3: 3.0; docstring)
     timestep_mean=0.0,  # location m of the logit-normal timestep density (SD3 §3.1; m > 0 favours high noise)
+    loss_space="velocity",  # MSE on the velocity (SD3) or on the clean latent x0_hat = x_t - sigma v ("sample": sigma^2-weighted)
     cond_dropout=0.1,  # P(caption -> "") so CFG has an unconditional branch
     ema_decay=0.995,  # EMA of projector + DiT weights, used for sampling and saved
     # evaluation / logging
@@ -152,8 +154,9 @@ def main(argv=None):
             set_latent_stats(model, rt, cfg)
         model.max_text_tokens = cfg.max_text_tokens
         model.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config, shift=cfg.timestep_shift)
-        model.replace_decoder(M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch,
-                                         cfg.joint_dim, model.pooled.numel(), cfg.qk_norm or None), cfg.projector_hidden, cfg.text_positions)
+        dit = M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch, cfg.joint_dim,
+                         model.pooled.numel(), cfg.qk_norm or None)
+        model.replace_decoder(dit, cfg.projector_hidden, cfg.text_positions, cfg.prediction)
     model.llm.requires_grad_(False).eval()
     trained = model.decoder_modules()
     params = [p for m in trained for p in m.parameters()]
@@ -213,7 +216,10 @@ def main(argv=None):
         x_t = (1 - s) * x0 + s * noise
         with rt.autocast():
             v = model.velocity(x_t, sigma, model.project(h))
-        loss = F.mse_loss(v.float(), noise - x0)
+        if cfg.loss_space == "velocity":
+            loss = F.mse_loss(v.float(), noise - x0)
+        else:
+            loss = F.mse_loss(x_t - s * v.float(), x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         M.all_reduce_grads(params)

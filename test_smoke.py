@@ -545,6 +545,29 @@ def test_text_positions_start_neutral_and_survive_save_load(tiny_uae, tmp_path):
         model.project(hidden, offset=20)
 
 
+def test_sample_prediction_velocity_by_hand_and_save_load(tiny_uae, tmp_path):
+    import copy
+    model = copy.deepcopy(tiny_uae)
+    model.replace_decoder(M.tiny_dit(model.vae, 1, 2, 16, 2, 32, model.pooled.numel()), 32, prediction="sample")
+    cond = model.condition(["a red circle.", "a small blue square at the top."])
+    x = torch.randn(model.latent_shape(2), generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.8, 0.01])
+    with torch.no_grad():
+        x0_hat = model.transformer(hidden_states=x, encoder_hidden_states=cond, timestep=sigma * 1000,
+                                   pooled_projections=model.pooled.expand(2, -1)).sample
+        v = model.velocity(x, sigma, cond)
+        torch.testing.assert_close(v[0], (x[0] - x0_hat[0]) / 0.8)
+        torch.testing.assert_close(v[1], (x[1] - x0_hat[1]) / 0.05)  # sigma clamped at 0.05
+        # one Euler step to sigma 0 from sigma >= 0.05 lands exactly on the predicted sample
+        torch.testing.assert_close(x[:1] - 0.8 * v[:1], x0_hat[:1], atol=1e-5, rtol=1e-5)
+        model.save(str(tmp_path / "ckpt"), trained=("llm", "processor", "transformer", "vae", "scheduler"))
+        loaded = M.UAE.load(str(tmp_path / "ckpt")).eval()
+        assert loaded.prediction == "sample" and tiny_uae.prediction == "velocity"
+        torch.testing.assert_close(loaded.velocity(x, sigma, cond), v)
+    with pytest.raises(ValueError, match="prediction must be"):
+        model.replace_decoder(model.transformer, 32, prediction="eps")
+
+
 def test_caption_logprobs_equal_teacher_forced(tiny_uae):
     images, _ = _scene_images(2)
     torch.manual_seed(0)
