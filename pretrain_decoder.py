@@ -115,6 +115,18 @@ def set_latent_stats(model, rt, cfg, n=2000):
 
 
 @torch.no_grad()
+def set_text_stats(model, rt, captions):
+    """Per-channel mean / std of the frozen LLM's states over these captions' generate turns (pads
+    included: the DiT reads them too), so the projector sees standardised inputs (model.UAE.project)."""
+    model.text_shift.zero_()
+    model.text_scale.fill_(1.0)
+    states = text_features(model, rt, captions).float().flatten(0, 1)
+    model.text_shift.copy_(states.mean(0))
+    model.text_scale.copy_(1 / states.std(0).clamp(min=1e-6))
+    rt.print(f"text states: |mean| {model.text_shift.norm():.2f}, median std {states.std(0).median():.3f}")
+
+
+@torch.no_grad()
 def probe(model, rt, captions, scenes, cfg, generator) -> dict:
     images = []
     for i in range(0, len(captions), 50):
@@ -180,6 +192,8 @@ def main(argv=None):
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     captions = [r["caption"] for r in train]
     val_captions = [r["caption"] for r in val]
+    if cfg.new_decoder or cfg.init_from == "pretrained":  # a fresh projector: standardise what it reads
+        set_text_stats(model, rt, captions[:2000])
     # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5 "scene")
     val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if all("scene" in r for r in val) else None
     size = cfg.image_size or None  # None: as stored

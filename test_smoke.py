@@ -545,6 +545,22 @@ def test_text_positions_start_neutral_and_survive_save_load(tiny_uae, tmp_path):
         model.project(hidden, offset=20)
 
 
+def test_text_standardisation_by_hand_and_save_load(tiny_uae, tmp_path):
+    import copy
+    model = copy.deepcopy(tiny_uae)
+    hidden = model.text_hidden_states(["a red circle.", "a small blue square at the top."])
+    with torch.no_grad():
+        assert torch.equal(model.project(hidden), model.projector(hidden))  # identity until set
+        model.text_shift.copy_(hidden.flatten(0, 1).mean(0))
+        model.text_scale.copy_(1 / hidden.flatten(0, 1).std(0))
+        standard = (hidden - hidden.flatten(0, 1).mean(0)) / hidden.flatten(0, 1).std(0)
+        torch.testing.assert_close(standard.flatten(0, 1).std(0), torch.ones(hidden.shape[-1]))
+        torch.testing.assert_close(model.project(hidden), model.projector(standard))
+        model.save(str(tmp_path / "ckpt"), trained=("llm", "processor", "transformer", "vae", "scheduler"))
+        loaded = M.UAE.load(str(tmp_path / "ckpt")).eval()
+        torch.testing.assert_close(loaded.project(hidden), model.project(hidden))
+
+
 def test_sample_prediction_velocity_by_hand_and_save_load(tiny_uae, tmp_path):
     import copy
     model = copy.deepcopy(tiny_uae)
