@@ -127,9 +127,7 @@ def set_latent_stats(model, rt, cfg, n=2000):
 def set_text_stats(model, rt, captions):
     """Per-channel mean / std of the frozen LLM's states over these captions' generate turns (pads
     included: the DiT reads them too), so the projector sees standardised inputs (model.UAE.project)."""
-    model.text_shift.zero_()
-    model.text_scale.fill_(1.0)
-    states = text_features(model, rt, captions).float().flatten(0, 1)
+    states = text_features(model, rt, captions).float().flatten(0, 1)  # raw LLM states: project() not applied
     model.text_shift.copy_(states.mean(0))
     model.text_scale.copy_(1 / states.std(0).clamp(min=1e-6))
     rt.print(f"text states: |mean| {model.text_shift.norm():.2f}, median std {states.std(0).median():.3f}")
