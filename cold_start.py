@@ -83,6 +83,9 @@ def main(argv=None):
     images = load_images(train)
     local_batch = cfg.batch_size // rt.world_size
     caption_offset = model.generate_prefix_tokens()  # caption states get the positions a generate turn gives them
+    if caption_offset + cfg.max_new_tokens > model.max_text_tokens:  # fail now, not at the first long caption
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} + the {caption_offset}-token generate prefix exceeds "
+                         f"the decoder's max_text_tokens={model.max_text_tokens} ({cfg.init_from}/model.json)")
     t0 = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
     while step < cfg.max_steps:
