@@ -41,7 +41,7 @@ config = dict(
     sample_steps=4,  # steps of the differentiable sampler (released code: 10)
     cfg_scale=1.0,  # guidance inside the differentiable sampler
     temperature=0.7,  # sampling temperature of the captions read back
-    max_new_tokens=40,  # caption length cap (+ the generate-turn prefix <= the decoder's max_text_tokens)
+    max_new_tokens=38,  # caption length cap (+ the 2-token generate-turn prefix <= the decoder's max_text_tokens)
     ce_weight=1.0,  # weight of the caption cross-entropy that keeps captioning intact
     grad_clip=1.0,  # max gradient norm
     log_interval=10,  # steps between log lines
