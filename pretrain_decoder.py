@@ -129,10 +129,11 @@ def set_latent_stats(model, rt, cfg, n=2000):
 
 
 @torch.no_grad()
-def set_text_stats(model, rt, captions):
-    """Per-channel mean / std of the frozen LLM's states over these captions' generate turns (pads
-    included: the DiT reads them too), so the projector sees standardised inputs (model.UAE.project)."""
-    states = text_features(model, rt, captions).float().flatten(0, 1)  # raw LLM states: project() not applied
+def set_text_stats(model, rt, states):
+    """Per-channel mean / std of the frozen LLM's raw states (text_features) of some captions' generate
+    turns (pads included: the DiT reads them too), so the projector sees standardised inputs
+    (model.UAE.project)."""
+    states = states.float().flatten(0, 1)
     model.text_shift.copy_(states.mean(0))
     model.text_scale.copy_(1 / states.std(0).clamp(min=1e-6))
     rt.print(f"text states: |mean| {model.text_shift.norm():.2f}, median std {states.std(0).median():.3f}")
@@ -204,8 +205,6 @@ def main(argv=None):
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     captions = [r["caption"] for r in train]
     val_captions = [r["caption"] for r in val]
-    if cfg.new_decoder or cfg.init_from == "pretrained":  # a fresh projector: standardise what it reads
-        set_text_stats(model, rt, captions[:2000])
     # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5 "scene")
     val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if all("scene" in r for r in val) else None
     size = cfg.image_size or None  # None: as stored
@@ -213,6 +212,8 @@ def main(argv=None):
     if cfg.cache_features:  # the LLM and VAE are frozen: their outputs are fixed, compute them once
         latents, hidden = latents_of(model, rt, load_images(train, size)), text_features(model, rt, captions)
         rt.print(f"cached {tuple(latents.shape)} latents and {tuple(hidden.shape)} text states in {time.time() - t0:.0f}s")
+    if cfg.new_decoder or cfg.init_from == "pretrained":  # a fresh projector: standardise what it reads
+        set_text_stats(model, rt, hidden[:2000] if cfg.cache_features else text_features(model, rt, captions[:2000]))
     empty = text_features(model, rt, [""])
     val_latents = latents_of(model, rt, load_images(val, size)).to(rt.device)
     val_hidden = text_features(model, rt, val_captions).to(rt.device)

@@ -1130,7 +1130,7 @@ def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
     text = capsys.readouterr().out
     assert "at step 2" in text and "step 3 loss" in text
     with pytest.raises(ValueError, match="max_text_tokens"):  # captions the decoder could not read: refused up front
-        cold_start.main(args[:2] + [f"--out_dir={tmp_path / 'long'}"] + args[3:] + ["--max_new_tokens=64"])
+        cold_start.main(args + [f"--out_dir={tmp_path / 'long'}", "--max_new_tokens=64"])
 
 
 # ----------------------------------------------------------------------------- eval_unified
