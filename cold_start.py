@@ -95,7 +95,7 @@ def main(argv=None):
         with rt.autocast():
             captions = model.caption(x, 1, cfg.temperature, cfg.max_new_tokens)  # the encoder's own words
         model.train()
-        with rt.autocast():
+        with rt.autocast(training=True):
             logp, hidden = model.caption_logprobs(captions.prompt, captions.ids, 1.0, return_hidden=True)
             cond = model.project(hidden, offset=caption_offset)
             negative = model.negative_condition(local_batch) if cfg.cfg_scale != 1.0 else None

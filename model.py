@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # ============================================================================ runtime
 
@@ -39,10 +40,17 @@ class Runtime:
     def master(self) -> bool:
         return self.rank == 0
 
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def autocast(self, training: bool = False):
+        """The compute precision. `training=True` (a forward that will be backpropagated) on the CPU also
+        selects the math attention kernel: the CPU flash kernel's backward is slow at our short
+        sequences (measured here: a DiT step of 64 took 200 -> 146 ms, a captioning step 330 -> 285 ms),
+        while for sampling flash is faster (Unified-Bench eval 11.7 -> 9.8 s), so no-grad code keeps it."""
+        stack = contextlib.ExitStack()
+        if self.dtype != torch.float32:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+        if training and self.device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     def print(self, *args, **kwargs):
         if self.master:

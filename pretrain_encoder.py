@@ -137,7 +137,7 @@ def main(argv=None):
             g["lr"] = lr
         idx = torch.randint(0, len(train), (local_batch,))
         ids = caption_ids(model, [train[i][cfg.caption_field] for i in idx.tolist()])
-        with rt.autocast():
+        with rt.autocast(training=True):
             prompt = model.caption_inputs(train_images[idx])
             logp = model.caption_logprobs(prompt, ids, temperature=1.0)
         mask = ids != model.tokenizer.pad_token_id

@@ -640,7 +640,7 @@ def test_sde_sampler_shapes_and_cfg(tiny_uae):
 TINY_ENCODER = ["--llm_hidden=64", "--llm_layers=2", "--vision_hidden=32", "--vision_layers=1", "--batch_size=8",
                 "--eval_n=4", "--max_new_tokens=8", "--threads=2"]
 TINY_DECODER = ["--dit_layers=1", "--dit_heads=2", "--dit_head_dim=16", "--joint_dim=32", "--projector_hidden=32",
-                "--batch_size=8", "--eval_n=4", "--sample_steps=2", "--threads=2"]
+                "--batch_size=8", "--eval_n=4", "--sample_steps=2", "--threads=2", "--compile=False"]
 
 
 @pytest.fixture(scope="module")
@@ -691,7 +691,7 @@ def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
     capsys.readouterr()
     pretrain_decoder.main([f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'enc'}", f"--out_dir={tmp_path / 'dec'}",
                            "--max_steps=12", "--log_interval=3", "--eval_interval=12", "--save_interval=12", "--lr=2e-3", f"--vae_dir={tiny_world / 'vae'}",
-                           "--warmup=2", "--cond_dropout=0.0"] + TINY_DECODER)
+                           "--warmup=2", "--cond_dropout=0.0"] + TINY_DECODER + ["--compile=True"])
     out = capsys.readouterr().out
     losses = _logged(out)
     assert len(losses) == 4 and min(losses[2:]) < losses[0]
@@ -993,7 +993,7 @@ def test_pretrain_decoder_from_the_paper_checkpoints(paper_dirs, tiny_world, cap
     pretrain_decoder.main([os.path.join(REPO, "config", "paper_pretrain_decoder.py"), f"--data_dir={data}",
                            f"--qwen_dir={paper_dirs[0]}", f"--sd3_dir={paper_dirs[1]}", f"--out_dir={tmp_path / 'dec'}",
                            "--weights_dtype=float32", "--image_size=32", "--batch_size=2", "--max_steps=2", "--warmup=1",
-                           "--eval_n=2", "--sample_steps=2", "--log_interval=1", "--threads=1"])
+                           "--eval_n=2", "--sample_steps=2", "--log_interval=1", "--threads=1", "--compile=False"])
     out = capsys.readouterr().out
     assert len(_logged(out)) == 2 and "text_reliance" in out and "overall" not in out
     meta = json.loads((tmp_path / "dec" / "model.json").read_text())
@@ -1063,6 +1063,7 @@ def test_grpo_encoder_steps_resume_and_peft_layout(tiny_world, capsys, tmp_path)
     assert "step 2 reward" in text and "eval step 2" in text and "zero_std" in text
     rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(-1 <= r["reward_mean"] <= 1 for r in rows)
+    assert rows[0]["drift"] == 0 and rows[1]["drift"] > 0  # B = 0 at step 1: the policy conditions like the reference
     assert (out / "reward_curve.png").exists() and (out / "lora_llm" / "adapter_config.json").exists()
     assert any(k.endswith("q_proj.lora_B.weight") for k in load_file(out / "lora_llm" / "adapter_model.safetensors"))
     # the reference model (adapters off) equals the checkpoint the run started from
