@@ -41,7 +41,7 @@ config = dict(
     sample_steps=4,  # steps of the differentiable sampler (released code: 10)
     cfg_scale=1.0,  # guidance inside the differentiable sampler
     temperature=0.7,  # sampling temperature of the captions read back
-    max_new_tokens=38,  # caption length cap (+ the 2-token generate-turn prefix <= the decoder's max_text_tokens)
+    max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     ce_weight=1.0,  # weight of the caption cross-entropy that keeps captioning intact
     grad_clip=1.0,  # max gradient norm
     log_interval=10,  # steps between log lines
@@ -83,9 +83,7 @@ def main(argv=None):
     images = load_images(train)
     local_batch = cfg.batch_size // rt.world_size
     caption_offset = model.generate_prefix_tokens()  # caption states get the positions a generate turn gives them
-    if caption_offset + cfg.max_new_tokens > model.max_text_tokens:  # fail now, not at the first long caption
-        raise ValueError(f"max_new_tokens={cfg.max_new_tokens} + the {caption_offset}-token generate prefix exceeds "
-                         f"the decoder's max_text_tokens={model.max_text_tokens} ({cfg.init_from}/model.json)")
+    model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     t0 = time.time()
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
     while step < cfg.max_steps:

@@ -42,7 +42,7 @@ config = dict(
     dinov3="",  # DINOv3 ViT-L/16 spec (hf:<dir>), empty = skipped
     greedy=True,  # greedy captions (deterministic); False samples at `temperature`
     temperature=0.7,  # caption sampling temperature when not greedy
-    max_new_tokens=64,  # caption length cap
+    max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     sample_steps=30,  # Euler steps of the decoder
     cfg_scale=3.0,  # classifier-free guidance scale
     batch_size=50,  # images per forward

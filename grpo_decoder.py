@@ -42,7 +42,7 @@ config = dict(
     group_size=8,  # G images per caption
     greedy_captions=True,  # captions from the encoder: greedy (True) or sampled at temperature
     temperature=0.7,  # caption temperature when sampled
-    max_new_tokens=64,  # caption length cap
+    max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     train_steps=8,  # SDE sampling steps during training (denoising reduction)
     eval_steps=20,  # ODE steps when evaluating
     noise_level=0.7,  # a in std_t = a sqrt(sigma / (1 - sigma))

@@ -44,7 +44,7 @@ config = dict(
     images_per_step=8,  # B source images per step (global; each group lives on one rank)
     group_size=8,  # G captions per image
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
-    max_new_tokens=64,  # caption length cap
+    max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     decode_steps=10,  # Euler steps of the frozen decoder
     cfg_scale=3.0,  # guidance of the frozen decoder
     # loss

@@ -592,11 +592,25 @@ class UAE(nn.Module):
         after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
         return (~after_eos).long()
 
+    def caption_cap(self, max_new_tokens: int = 0) -> int:
+        """Caption length to generate: 0 = the decoder's window, max_text_tokens minus the generate-turn
+        prefix. Longer caps are refused: text past the window never reaches the decoder, so the
+        reconstruction reward cannot see it (measured: grpo_encoder with a 64-token cap learned to
+        ramble past the 38 tokens the decoder reads, caption precision 0.75)."""
+        window = self.max_text_tokens - self.generate_prefix_tokens()
+        if max_new_tokens > window:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the {window} caption tokens the decoder reads "
+                             f"(max_text_tokens={self.max_text_tokens} in the checkpoint's model.json, minus the "
+                             f"generate-turn prefix); use 0 for the full window")
+        return max_new_tokens or window
+
     @torch.no_grad()
-    def caption(self, images, num_samples: int = 1, temperature: float = 0.7, max_new_tokens: int = 64,
+    def caption(self, images, num_samples: int = 1, temperature: float = 0.7, max_new_tokens: int = 0,
                 greedy: bool = False) -> Captions:
-        """G = num_samples captions per image from one batched generate. Sampling is plain softmax(logits / T)
-        (no top-k / top-p), so the returned log-probs are exactly those of the sampling distribution."""
+        """G = num_samples captions per image from one batched generate, at most caption_cap(max_new_tokens)
+        tokens each. Sampling is plain softmax(logits / T) (no top-k / top-p), so the returned log-probs
+        are exactly those of the sampling distribution."""
+        max_new_tokens = self.caption_cap(max_new_tokens)
         prompt = self.caption_inputs(images, num_samples)
         out = self.llm.generate(**prompt, do_sample=not greedy, temperature=temperature if not greedy else None,
                                 top_k=None, top_p=None, max_new_tokens=max_new_tokens, return_dict_in_generate=True,

@@ -27,7 +27,7 @@ config = dict(
     out_dir="out/samples",  # where PNGs go
     greedy=False,  # greedy captions instead of sampling
     temperature=0.7,  # caption sampling temperature (the paper's)
-    max_new_tokens=64,  # caption length cap
+    max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     sample_steps=30,  # Euler steps of the decoder
     cfg_scale=3.0,  # classifier-free guidance scale
     device="auto",  # auto = cuda if available else cpu

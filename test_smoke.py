@@ -600,6 +600,16 @@ def test_caption_logprobs_equal_teacher_forced(tiny_uae):
         assert m.sum() == (eos[0, 0] + 1 if len(eos) else len(row))
 
 
+def test_caption_cap_is_the_decoders_window(tiny_uae):
+    window = tiny_uae.max_text_tokens - tiny_uae.generate_prefix_tokens()  # 24 - "<|im_start|>generate\n"
+    assert window == 22 and tiny_uae.caption_cap(0) == window and tiny_uae.caption_cap(5) == 5
+    with pytest.raises(ValueError, match="max_text_tokens=24"):  # a tail the decoder never reads: refused
+        tiny_uae.caption_cap(window + 1)
+    images, _ = _scene_images(2)
+    with torch.no_grad():
+        assert tiny_uae.caption(images, greedy=True).ids.shape[1] <= window
+
+
 def test_sde_step_is_the_gaussian_by_hand_and_ode_at_zero_noise():
     torch.manual_seed(0)
     x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
