@@ -10,6 +10,12 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
     torchrun --standalone --nproc_per_node=2 grpo_decoder.py
 
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps.
+
+Measured here, from the speedrun's RL encoder (60 steps, 1 process; Unified-Bench's 100 bench images):
+GenEval-shapes 0.74 before; after, 0.67 with the defaults (lr 3e-4, beta 0.01), 0.71 with lr 1e-4 and
+beta 0.04, 0.74 with lr 3e-5 and beta 0.04; Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. The RL
+encoder's captions state positions wrongly (attribute accuracy 0.57), and a reward for matching the
+source then teaches the decoder to lean less on the text: the more it learns, the lower GenEval.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os
