@@ -11,10 +11,11 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
     torchrun --standalone --nproc_per_node=2 grpo_encoder.py
     torchrun --nproc_per_node=8 grpo_encoder.py config/paper_grpo_encoder.py
 
-Measured here (defaults, 2 processes, 541 s, from the speedrun's cold start; val probe of 100 images):
-small-object recall 0.03 / 0.16 / 0.25 / 0.41 / 0.50 / 0.50 at steps 40 / 80 / 120 / 200 / 280 / 360,
-precision 1.00 / 0.97 / 0.94 / 0.91 / 0.88 / 0.88: the encoder learns to list small objects and to
-state positions, which it gets wrong often (attribute accuracy 1.00 -> 0.58).
+Measured here (defaults, 2 processes, 526 s, in the speedrun; val probe of 100 images): small-object
+recall 0.03 / 0.10 / 0.18 / 0.31 / 0.40 / 0.49 at steps 40 / 80 / 120 / 200 / 280 / 360, precision
+1.00 / 1.00 / 0.96 / 0.98 / 0.95 / 0.91: the encoder learns to list small objects and to state
+positions, which it gets wrong often (attribute accuracy 0.59 at step 360). From a cold start on a
+longer-trained decoder the same run ended at small-object recall 0.50 but precision 0.88.
 
 Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
 reward_curve.png.
