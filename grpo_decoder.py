@@ -9,13 +9,24 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
     python grpo_decoder.py
     torchrun --standalone --nproc_per_node=2 grpo_decoder.py
 
-Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps.
+Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
+makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Measured here, from the speedrun's RL encoder (60 steps, 1 process; Unified-Bench's 100 bench images):
-GenEval-shapes 0.74 before; after, 0.67 with the defaults (lr 3e-4, beta 0.01), 0.71 with lr 1e-4 and
-beta 0.04, 0.74 with lr 3e-5 and beta 0.04; Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. The RL
-encoder's captions state positions wrongly (attribute accuracy 0.57), and a reward for matching the
-source then teaches the decoder to lean less on the text: the more it learns, the lower GenEval.
+Measured here (not yet working: decoder RL does not raise GenEval-shapes). From the speedrun's RL
+encoder, 60 steps, bench: GenEval-shapes 0.74 before; after, 0.67 (lr 3e-4, beta 0.01, the defaults),
+0.71 (1e-4, 0.04), 0.74 (3e-5, 0.04); Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
+- The encoder's caption errors are not the cause: with the TRUE long captions in the rollouts,
+  GenEval-shapes also does not rise (0.66 -> 0.65 at 60 steps, defaults; 200 val captions, 300 steps
+  with sde_steps=2: 0.69 -> 0.65; lr 1e-3: 0.69 -> 0.565 at 200 steps, mostly from dropped objects).
+- The reward does rank rollouts: within a caption's group, images the oracle reads as exactly right
+  out-score wrong ones with probability 0.78 (AUC, 48 true captions x 8). But all-SDE rollouts at 8
+  steps and a=0.7 are exactly right only 40% of the time (near-ODE at 20 steps: 75%); sde_steps=2: 70%.
+- The policy gradient moves an easy reward (mean redness 0.01 -> 0.05 in 40 steps at lr 3e-3), so
+  the update is not inert; the reconstruction signal is too weak for the steps we can afford.
+- The reward CLIP is nearly blind to layout: moving an object to another cell costs 0.020 cosine
+  (re-jittering 0.011, dropping an object 0.40), so no stage is paid for right positions. A CLIP
+  trained with a moved-object hard negative (0.21) lifted this stage to 0.76 -> 0.77 on the bench,
+  but cost the encoder RL its small-object recall (0.59 -> 0.44); not adopted yet.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os
@@ -52,6 +63,7 @@ config = dict(
     train_steps=8,  # SDE sampling steps during training (denoising reduction)
     eval_steps=20,  # ODE steps when evaluating
     noise_level=0.7,  # a in std_t = a sqrt(sigma / (1 - sigma))
+    sde_steps=0,  # the first sde_steps steps are stochastic and trained, the rest ODE (0 = all but the last)
     cfg_scale=3.0,  # guidance, the same at sampling and in the update
     timestep_fraction=0.6,  # fraction of the SDE steps trained per rollout
     # loss
@@ -81,7 +93,7 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
         negative = model.negative_condition(len(cond)) if cfg.cfg_scale != 1.0 else None
     t1 = time.time()
     with rt.autocast():
-        traj = model.sample_sde(cond, cfg.train_steps, cfg.cfg_scale, negative, cfg.noise_level)
+        traj = model.sample_sde(cond, cfg.train_steps, cfg.cfg_scale, negative, cfg.noise_level, sde_steps=cfg.sde_steps)
         recon = model.decode_latents(traj["latents"][:, -1])
     t2 = time.time()
     sources = images.repeat_interleave(cfg.group_size, 0).float().div(255).to(rt.device)

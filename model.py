@@ -733,18 +733,20 @@ class UAE(nn.Module):
         return sde_step(x, v, sigma, sigma_next, noise_level, sigma_max, prev_sample, generator)
 
     def sample_sde(self, cond, steps: int = 10, cfg_scale: float = 1.0, negative=None, noise_level: float = 0.7,
-                   generator=None):
-        """Flow-GRPO sampler: SDE steps that record each step's Gaussian log-prob and mean; the last
-        step (sigma -> 0) is a plain Euler step, neither noisy nor trained. Returns a dict with
-        latents (B, steps+1, ...), log_probs (B, steps-1), means (B, steps-1, ...) and sigmas."""
+                   generator=None, sde_steps: int = 0):
+        """Flow-GRPO sampler: the first `sde_steps` steps (0 = all but the last) are SDE steps that record
+        their Gaussian log-prob and mean; the rest are plain Euler ODE steps, neither noisy nor trained
+        (the last step, sigma -> 0, always). Returns a dict with latents (B, steps+1, ...), log_probs
+        (B, n_sde), means (B, n_sde, ...) and sigmas, where n_sde = min(sde_steps or steps-1, steps-1)."""
+        n_sde = min(sde_steps or steps - 1, steps - 1)
         x = torch.randn(self.latent_shape(cond.shape[0]), generator=generator, device=self.device)
         sigmas = self.sigmas(steps)
         latents, log_probs, means = [x], [], []
         for i in range(steps):
-            level = noise_level if i < steps - 1 else 0.0
+            level = noise_level if i < n_sde else 0.0
             x, log_prob, mean, _ = self.sde_transition(x, sigmas[i], sigmas[i + 1], cond, negative, cfg_scale, level,
                                                        sigmas[1], generator=generator)
-            if i < steps - 1:
+            if i < n_sde:
                 log_probs.append(log_prob)
                 means.append(mean)
             latents.append(x)

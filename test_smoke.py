@@ -643,6 +643,15 @@ def test_sde_sampler_shapes_and_cfg(tiny_uae):
     assert out["means"].shape == (2, 3) + tiny_uae.latent_shape(1)[1:]
     images = tiny_uae.decode_latents(out["latents"][:, -1])
     assert images.shape == (2, 3, shapes.CANVAS, shapes.CANVAS) and images.min() >= 0 and images.max() <= 1
+    # a stochastic window: only the first step is noisy and scored, the rest are Euler ODE steps
+    with torch.no_grad():
+        window = tiny_uae.sample_sde(cond, steps=4, noise_level=0.7, generator=torch.Generator().manual_seed(0),
+                                     sde_steps=1)
+        x, sigmas = window["latents"][:, 1], tiny_uae.sigmas(4)
+        for i in range(1, 4):
+            x = x + (sigmas[i + 1] - sigmas[i]) * tiny_uae.velocity(x, sigmas[i], cond).float()
+            torch.testing.assert_close(window["latents"][:, i + 1], x)
+    assert window["log_probs"].shape == (2, 1) and window["means"].shape == (2, 1) + tiny_uae.latent_shape(1)[1:]
 
 
 # ----------------------------------------------------------------------------- training scripts, end to end
