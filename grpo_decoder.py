@@ -12,21 +12,22 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
 makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Measured here (not yet working: decoder RL does not raise GenEval-shapes). From the speedrun's RL
-encoder, 60 steps, bench: GenEval-shapes 0.74 before; after, 0.67 (lr 3e-4, beta 0.01, the defaults),
-0.71 (1e-4, 0.04), 0.74 (3e-5, 0.04); Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
+Measured here (not yet working: decoder RL does not raise GenEval-shapes). With the earlier reward CLIP
+(hard negative: a dropped object only), from the speedrun's RL encoder, 60 steps, bench: GenEval-shapes
+0.74 before; after, 0.67 (lr 3e-4, beta 0.01, the defaults), 0.71 (1e-4, 0.04), 0.74 (3e-5, 0.04);
+Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
 - The encoder's caption errors are not the cause: with the TRUE long captions in the rollouts,
-  GenEval-shapes also does not rise (0.66 -> 0.65 at 60 steps, defaults; 200 val captions, 300 steps
+  GenEval-shapes does not rise either (0.66 -> 0.65 at 60 steps, defaults; 200 val captions, 300 steps
   with sde_steps=2: 0.69 -> 0.65; lr 1e-3: 0.69 -> 0.565 at 200 steps, mostly from dropped objects).
 - The reward does rank rollouts: within a caption's group, images the oracle reads as exactly right
   out-score wrong ones with probability 0.78 (AUC, 48 true captions x 8). But all-SDE rollouts at 8
   steps and a=0.7 are exactly right only 40% of the time (near-ODE at 20 steps: 75%); sde_steps=2: 70%.
 - The policy gradient moves an easy reward (mean redness 0.01 -> 0.05 in 40 steps at lr 3e-3), so
   the update is not inert; the reconstruction signal is too weak for the steps we can afford.
-- The reward CLIP is nearly blind to layout: moving an object to another cell costs 0.020 cosine
-  (re-jittering 0.011, dropping an object 0.40), so no stage is paid for right positions. A CLIP
-  trained with a moved-object hard negative (0.21) lifted this stage to 0.76 -> 0.77 on the bench,
-  but cost the encoder RL its small-object recall (0.59 -> 0.44); not adopted yet.
+- That CLIP was nearly blind to layout: moving an object to another cell cost 0.020 cosine
+  (re-jittering 0.011, dropping an object 0.40), so no stage was paid for right positions. prepare.py
+  now adds a hard negative per attribute (move 0.124, recolour 0.237, reshape 0.183, resize 0.291,
+  drop 0.33); from the same pretrained checkpoints this stage then gave 0.73 -> 0.72 on the bench.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os

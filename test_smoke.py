@@ -188,7 +188,24 @@ def test_prepare_runs_small_and_is_deterministic(tmp_path):
         scene = shapes.scene_from_json(r["scene"])
         assert shapes.detect_scene(load_image(r)) == scene and shapes.parse_caption(r["caption"]) == scene
     report = json.loads((tmp_path / "a" / "shapes_clip_eval.json").read_text())
-    assert report["steps"] == 3 and 0.0 <= report["i2t_r1"] <= 1.0
+    assert report["steps"] == 3 and 0.0 <= report["i2t_r1"] <= 1.0 and 0.0 <= report["position_sensitivity"] <= 1.0
+    # the hard negatives: the same scene but for one edit of one object, still a valid scene
+    sys.path.insert(0, os.path.join(REPO, "data", "shapes"))
+    import prepare
+    rng = random.Random(0)
+    for _ in range(50):
+        scene = shapes.sample_scene(rng, 2, 4)
+        for edit in prepare.HARD_NEGATIVES:
+            negative = prepare.edit_one(scene, rng, edit)
+            assert negative == shapes.canonical(negative) and len({o.pos for o in negative}) == len(negative)
+            assert len({(o.color, o.shape) for o in negative}) == len(negative)
+            if edit == "drop":
+                assert len(negative) == len(scene) - 1 and set(negative) < set(scene)
+                continue
+            (new,), (old,) = set(negative) - set(scene), set(scene) - set(negative)
+            field = {"move": "pos", "recolor": "color", "reshape": "shape", "resize": "size"}[edit]
+            changed = [f for f in ("pos", "color", "shape", "size") if getattr(new, f) != getattr(old, f)]
+            assert changed in ([field], ["size"])  # size is the fallback where no colour / shape is free
     assert (tmp_path / "a" / "tokenizer" / "tokenizer.json").exists() and (tmp_path / "a" / "shapes_clip.pt").exists()
 
 
