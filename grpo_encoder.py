@@ -11,11 +11,11 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
     torchrun --standalone --nproc_per_node=2 grpo_encoder.py
     torchrun --nproc_per_node=8 grpo_encoder.py config/paper_grpo_encoder.py
 
-Measured here (defaults, 2 processes, 526 s, in the speedrun; val probe of 100 images): small-object
-recall 0.03 / 0.10 / 0.18 / 0.31 / 0.40 / 0.49 at steps 40 / 80 / 120 / 200 / 280 / 360, precision
-1.00 / 1.00 / 0.96 / 0.98 / 0.95 / 0.91: the encoder learns to list small objects and to state
-positions, which it gets wrong often (attribute accuracy 0.59 at step 360). From a cold start on a
-longer-trained decoder the same run ended at small-object recall 0.50 but precision 0.88.
+Measured here (defaults, 2 processes, 503 s, in the speedrun; val probe of 100 images): small-object
+recall 0.03 / 0.12 / 0.17 / 0.33 / 0.43 / 0.44 at steps 40 / 80 / 120 / 200 / 280 / 360, precision
+1.00 / 0.98 / 0.96 / 0.93 / 0.96 / 0.95: the encoder learns to list small objects and to state
+positions, which it gets wrong often (attribute accuracy 0.56 at step 360). With the earlier,
+layout-blind reward CLIP the same run reached 0.49 at precision 0.91.
 
 Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
 reward_curve.png.
