@@ -84,8 +84,8 @@ def edit_one(scene: tuple, rng: random.Random, edit: str) -> tuple:
         return tuple(o for o in scene if o is not victim)
     victim = rng.choice(scene)
     rest = [o for o in scene if o is not victim]
-    taken = {(o.color, o.shape) for o in rest}
-    options = {"move": [dict(pos=p) for p in shapes.POSITIONS if p not in {o.pos for o in scene}],
+    taken, occupied = {(o.color, o.shape) for o in rest}, {o.pos for o in scene}
+    options = {"move": [dict(pos=p) for p in shapes.POSITIONS if p not in occupied],
                "recolor": [dict(color=c) for c in shapes.COLORS if c != victim.color and (c, victim.shape) not in taken],
                "reshape": [dict(shape=k) for k in shapes.SHAPES if k != victim.shape and (victim.color, k) not in taken]}
     choices = options.get(edit) or [dict(size="small" if victim.size == "large" else "large")]
@@ -164,18 +164,16 @@ def evaluate_clip(model, tokenizer, prep, scenes, seed) -> dict:
     img = embed(scenes)
     txt = F.normalize(model.encode_text(tokenizer([shapes.long_caption(s) for s in scenes])).float(), dim=-1)
     r1 = (img @ txt.T).argmax(1).eq(torch.arange(len(scenes))).float().mean().item()
-    with_small = [s for s in scenes if any(o.size == "small" for o in s)]
-    jittered = embed([shapes.rejitter(s, rng) for s in with_small])
-    removed = embed([edit_one(s, rng, "drop") for s in with_small])
-    anchor = embed(with_small)
-    sees = ((anchor * jittered).sum(-1) > (anchor * removed).sum(-1)).float().mean().item()
-    # layout: is each image closer to a re-jittered render of itself than to itself with one object moved?
-    img_jittered = embed([shapes.rejitter(s, rng) for s in scenes])
-    img_moved = embed([edit_one(s, rng, "move") for s in scenes])
-    cos = lambda a: (img * a).sum(-1)
-    return {"val_pairs": len(scenes), "i2t_r1": r1, "small_object_scenes": len(with_small), "small_object_sensitivity": sees,
-            "position_sensitivity": (cos(img_jittered) > cos(img_moved)).float().mean().item(),
-            "cosine_rejittered": cos(img_jittered).mean().item(), "cosine_moved": cos(img_moved).mean().item()}
+    cos = lambda a, b: (a * b).sum(-1)
+    jittered = cos(img, embed([shapes.rejitter(s, rng) for s in scenes]))
+    moved = cos(img, embed([edit_one(s, rng, "move") for s in scenes]))
+    has_small = torch.tensor([any(o.size == "small" for o in s) for s in scenes])
+    with_small = [s for s, keep in zip(scenes, has_small) if keep]
+    removed = cos(img[has_small], embed([edit_one(s, rng, "drop") for s in with_small]))
+    return {"val_pairs": len(scenes), "i2t_r1": r1, "small_object_scenes": len(with_small),
+            "small_object_sensitivity": (jittered[has_small] > removed).float().mean().item(),
+            "position_sensitivity": (jittered > moved).float().mean().item(),
+            "cosine_rejittered": jittered.mean().item(), "cosine_moved": moved.mean().item()}
 
 
 def main(argv=None):
