@@ -70,6 +70,7 @@ config = dict(
     # loss
     clip_eps=1e-4,  # ratio clip range (Flow-GRPO)
     adv_clip=5.0,  # advantages clipped to +-adv_clip
+    advantage_std="group",  # normalise advantages by each group's reward std, or the whole batch's ("batch")
     beta=0.01,  # KL weight on the predicted means
     # evaluation / logging
     eval_interval=20,  # steps between GenEval-shapes probes
@@ -186,7 +187,7 @@ def main(argv=None):
         rewards = out["rewards"]
         stats = {"finite": False}
         if torch.isfinite(rewards).all():
-            advantages = group_advantages(rewards, cfg.group_size).clamp(-cfg.adv_clip, cfg.adv_clip)
+            advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_std).clamp(-cfg.adv_clip, cfg.adv_clip)
             t1 = time.time()
             stats = policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy=first)
             out["seconds"]["policy"] = time.time() - t1

@@ -176,15 +176,22 @@ class ReconstructionReward:
         return cosine(self.source_features(x, keys), self.backbone(x_hat))
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, std_over: str = "group") -> torch.Tensor:
     """GRPO advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2; Flow-GRPO uses the same):
-    A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), population std as in Flow-GRPO's np.std.
+    A_i = (r_i - mean(r_group)) / (std + 1e-4), population std as in Flow-GRPO's np.std, where std is
+    the group's own (std_over="group") or that of every reward in the batch (std_over="batch",
+    Flow-GRPO's global_std). The group std turns a group whose members differ only by noise (every
+    image right, rewards apart by 0.01) into advantages of +-1, as loud as a group with a real error;
+    the batch std keeps such a group's advantages as small as its spread.
     rewards: (N,), consecutive runs of group_size rows form one group."""
     if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with length divisible by group_size={group_size}, "
                          f"got shape {tuple(rewards.shape)}")
+    if std_over not in ("group", "batch"):
+        raise ValueError(f"std_over must be 'group' or 'batch', got {std_over!r}")
     r = rewards.float().view(-1, group_size)
-    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, correction=0, keepdim=True) + 1e-4)
+    std = r.std(1, correction=0, keepdim=True) if std_over == "group" else r.std(correction=0)
+    adv = (r - r.mean(1, keepdim=True)) / (std + 1e-4)
     # a group with no reward spread carries no signal; its float mean can differ from the members by
     # an ulp, which the 1e-4 denominator would turn into noise rather than exactly 0
     flat = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)

@@ -232,6 +232,13 @@ def test_group_advantages_by_hand():
     assert ((flat - flat.mean()) / (flat.std(correction=0) + 1e-4)).abs().max() > 1e-4
     assert torch.equal(group_advantages(flat, 8), torch.zeros(8))
     assert torch.equal(group_advantages(torch.tensor([7.0]), 1), torch.zeros(1))
+    # batch std (Flow-GRPO's global_std): one std over all six rewards, group means as before
+    batch_std = rewards.float().std(correction=0).item()
+    torch.testing.assert_close(group_advantages(rewards, 3, "batch")[:3],
+                               torch.tensor([-1.0, 0.0, 1.0]) / (batch_std + 1e-4))
+    assert torch.equal(group_advantages(rewards, 3, "batch")[3:], torch.zeros(3))
+    with pytest.raises(ValueError, match="std_over"):
+        group_advantages(rewards, 3, "global")
     for bad, size in ((torch.zeros(5), 3), (torch.zeros(2, 3), 3), (torch.zeros(3), 0)):
         with pytest.raises(ValueError, match="divisible"):
             group_advantages(bad, size)
