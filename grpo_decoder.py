@@ -179,6 +179,8 @@ def main(argv=None):
     val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if "scene" in val[0] else None
     local = cfg.captions_per_step // rt.world_size
     t_start, bad, first = time.time(), 0, True
+    if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
+        rt.print("eval step 0 " + " ".join(f"{k} {v:.3f}" for k, v in probe(model, rt, val_captions, val_scenes, cfg).items()))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_decoder")
     while step < cfg.max_steps:
         t0 = time.time()

@@ -1240,7 +1240,7 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
     text = capsys.readouterr().out
     error = float(text.split("max |ratio - 1| = ")[1].split()[0])
     assert error <= 1e-5, text  # recomputed log-probs equal the sampled ones before any update
-    assert "step 2 reward" in text and "eval step 2 overall" in text
+    assert "eval step 0 overall" in text and "step 2 reward" in text and "eval step 2 overall" in text
     assert (out / "lora_transformer" / "adapter_model.safetensors").exists() and (out / "reward_curve.png").exists()
     grpo_decoder.main(args + ["--max_steps=3"])
     text = capsys.readouterr().out
