@@ -66,6 +66,7 @@ config = dict(
     noise_level=0.7,  # a in std_t = a sqrt(sigma / (1 - sigma))
     sde_steps=0,  # the first sde_steps steps are stochastic and trained, the rest ODE (0 = all but the last)
     cfg_scale=3.0,  # guidance, the same at sampling and in the update
+    shared_noise=False,  # a caption's G images start from the same initial latent (DanceGRPO)
     timestep_fraction=0.6,  # fraction of the SDE steps trained per rollout
     # loss
     clip_eps=1e-4,  # ratio clip range (Flow-GRPO)
@@ -95,7 +96,12 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
         negative = model.negative_condition(len(cond)) if cfg.cfg_scale != 1.0 else None
     t1 = time.time()
     with rt.autocast():
-        traj = model.sample_sde(cond, cfg.train_steps, cfg.cfg_scale, negative, cfg.noise_level, sde_steps=cfg.sde_steps)
+        # shared_noise: a caption's G images start from one latent, so their rewards differ only through
+        # the SDE steps' noise, which is what the log-probs credit (DanceGRPO's use_same_noise)
+        noise = (torch.randn(model.latent_shape(len(texts)), device=rt.device).repeat_interleave(cfg.group_size, 0)
+                 if cfg.shared_noise else None)
+        traj = model.sample_sde(cond, cfg.train_steps, cfg.cfg_scale, negative, cfg.noise_level, sde_steps=cfg.sde_steps,
+                                noise=noise)
         recon = model.decode_latents(traj["latents"][:, -1])
     t2 = time.time()
     sources = images.repeat_interleave(cfg.group_size, 0).float().div(255).to(rt.device)

@@ -733,13 +733,15 @@ class UAE(nn.Module):
         return sde_step(x, v, sigma, sigma_next, noise_level, sigma_max, prev_sample, generator)
 
     def sample_sde(self, cond, steps: int = 10, cfg_scale: float = 1.0, negative=None, noise_level: float = 0.7,
-                   generator=None, sde_steps: int = 0):
+                   generator=None, sde_steps: int = 0, noise=None):
         """Flow-GRPO sampler: the first `sde_steps` steps (0 = all but the last) are SDE steps that record
         their Gaussian log-prob and mean; the rest are plain Euler ODE steps, neither noisy nor trained
-        (the last step, sigma -> 0, always). Returns a dict with latents (B, steps+1, ...), log_probs
-        (B, n_sde), means (B, n_sde, ...) and sigmas, where n_sde = min(sde_steps or steps-1, steps-1)."""
+        (the last step, sigma -> 0, always). `noise` is the starting latent (default: fresh N(0, I)).
+        Returns a dict with latents (B, steps+1, ...), log_probs (B, n_sde), means (B, n_sde, ...) and
+        sigmas, where n_sde = min(sde_steps or steps-1, steps-1)."""
         n_sde = min(sde_steps or steps - 1, steps - 1)
-        x = torch.randn(self.latent_shape(cond.shape[0]), generator=generator, device=self.device)
+        x = noise if noise is not None else torch.randn(self.latent_shape(cond.shape[0]), generator=generator,
+                                                        device=self.device)
         sigmas = self.sigmas(steps)
         latents, log_probs, means = [x], [], []
         for i in range(steps):

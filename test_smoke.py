@@ -676,6 +676,12 @@ def test_sde_sampler_shapes_and_cfg(tiny_uae):
             x = x + (sigmas[i + 1] - sigmas[i]) * tiny_uae.velocity(x, sigmas[i], cond).float()
             torch.testing.assert_close(window["latents"][:, i + 1], x)
     assert window["log_probs"].shape == (2, 1) and window["means"].shape == (2, 1) + tiny_uae.latent_shape(1)[1:]
+    # a given starting latent (grpo_decoder's shared_noise): both rows start from it, and their SDE noise differs
+    start = torch.randn(tiny_uae.latent_shape(1)).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        shared = tiny_uae.sample_sde(tiny_uae.condition(["a red circle."] * 2), steps=4, noise=start)
+    assert torch.equal(shared["latents"][:, 0], start)
+    assert not torch.equal(shared["latents"][0, -1], shared["latents"][1, -1])
 
 
 # ----------------------------------------------------------------------------- training scripts, end to end
@@ -1242,7 +1248,7 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
     assert error <= 1e-5, text  # recomputed log-probs equal the sampled ones before any update
     assert "eval step 0 overall" in text and "step 2 reward" in text and "eval step 2 overall" in text
     assert (out / "lora_transformer" / "adapter_model.safetensors").exists() and (out / "reward_curve.png").exists()
-    grpo_decoder.main(args + ["--max_steps=3"])
+    grpo_decoder.main(args + ["--max_steps=3", "--shared_noise=True", "--advantage_std=batch"])
     text = capsys.readouterr().out
     assert "at step 2" in text and "step 3 reward" in text
     assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
