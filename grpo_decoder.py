@@ -16,18 +16,26 @@ Measured here (not yet working: decoder RL does not raise GenEval-shapes). With 
 (hard negative: a dropped object only), from the speedrun's RL encoder, 60 steps, bench: GenEval-shapes
 0.74 before; after, 0.67 (lr 3e-4, beta 0.01, the defaults), 0.71 (1e-4, 0.04), 0.74 (3e-5, 0.04);
 Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
-- The encoder's caption errors are not the cause: with the TRUE long captions in the rollouts,
-  GenEval-shapes does not rise either (0.66 -> 0.65 at 60 steps, defaults; 200 val captions, 300 steps
-  with sde_steps=2: 0.69 -> 0.65; lr 1e-3: 0.69 -> 0.565 at 200 steps, mostly from dropped objects).
 - The reward does rank rollouts: within a caption's group, images the oracle reads as exactly right
   out-score wrong ones with probability 0.78 (AUC, 48 true captions x 8). But all-SDE rollouts at 8
   steps and a=0.7 are exactly right only 40% of the time (near-ODE at 20 steps: 75%); sde_steps=2: 70%.
-- The policy gradient moves an easy reward (mean redness 0.01 -> 0.05 in 40 steps at lr 3e-3), so
-  the update is not inert; the reconstruction signal is too weak for the steps we can afford.
-- That CLIP was nearly blind to layout: moving an object to another cell cost 0.020 cosine
-  (re-jittering 0.011, dropping an object 0.40), so no stage was paid for right positions. prepare.py
-  now adds a hard negative per attribute (move 0.124, recolour 0.237, reshape 0.183, resize 0.291,
-  drop 0.33); from the same pretrained checkpoints this stage then gave 0.73 -> 0.72 on the bench.
+- The reward CLIP now sees layout (hard negatives per attribute in prepare.py; with the drop negative
+  alone, moving an object cost 0.020 cosine); from the same checkpoints this stage still gave
+  0.73 -> 0.72 on the bench. The figures below are from a later speedrun on another machine.
+- The policy gradient has almost no consistent direction at the batch we can afford. Cosine between
+  the LoRA gradients of independent rollout batches (8 captions x 8 images, pairs of 4-6 batches): about
+  0 with independent starting noise (group std -0.06, batch std -0.05); with shared_noise and
+  advantage_std="batch", -0.04 all-SDE, 0.09 with sde_steps=2, 0.05 with sde_steps=1. Adam turns the
+  rest, noise, into full-size steps: a random walk away from the pretrained optimum.
+- So the reward does not rise and GenEval-shapes falls, whatever the captions. From a 0.670 start (val
+  200, 8 captions per step, GenEval-shapes at steps 50 / 100 / 150 / 200): advantage_std="batch"
+  0.735 / 0.650 / 0.690 / 0.680; + sde_steps=2 0.670 / 0.695 / 0.610 / 0.610; shared_noise + batch
+  0.650 / 0.600 / 0.675; shared_noise + batch + sde_steps=2 0.660 / 0.605 / 0.605 (16 captions per step:
+  0.590 at 50 and 75). With the TRUE long captions in that last setting, reward 0.956 -> 0.949 (first /
+  last 25 steps) and GenEval-shapes 0.635 / 0.635 / 0.565: the encoder's caption errors are not the cause.
+- The policy gradient is not inert: it moves an easy reward (mean redness 0.01 -> 0.05 in 40 steps at
+  lr 3e-3). The reconstruction signal is too weak for the samples we can afford; averaging n times more
+  samples per step shrinks the gradient noise by sqrt(n): far larger batches, on a GPU, are next to try.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os
