@@ -31,7 +31,8 @@ Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
   200, 8 captions per step, GenEval-shapes at steps 50 / 100 / 150 / 200): advantage_std="batch"
   0.735 / 0.650 / 0.690 / 0.680; + sde_steps=2 0.670 / 0.695 / 0.610 / 0.610; shared_noise + batch
   0.650 / 0.600 / 0.675; shared_noise + batch + sde_steps=2 0.660 / 0.605 / 0.605 (16 captions per step:
-  0.590 at 50 and 75). With the TRUE long captions in that last setting, reward 0.956 -> 0.949 (first /
+  0.590 at 50 and 75; 32 per step: 0.610 at 20, and at lr 3e-5 0.655 / 0.640 / 0.650 / 0.655 at
+  10 / 20 / 30 / 40). With the TRUE long captions in that last setting, reward 0.956 -> 0.949 (first /
   last 25 steps) and GenEval-shapes 0.635 / 0.635 / 0.565: the encoder's caption errors are not the cause.
 - The policy gradient is not inert: it moves an easy reward (mean redness 0.01 -> 0.05 in 40 steps at
   lr 3e-3). The reconstruction signal is too weak for the samples we can afford; averaging n times more
