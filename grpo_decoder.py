@@ -35,8 +35,9 @@ Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
   10 / 20 / 30 / 40). With the TRUE long captions in that last setting, reward 0.956 -> 0.949 (first /
   last 25 steps) and GenEval-shapes 0.635 / 0.635 / 0.565: the encoder's caption errors are not the cause.
 - The policy gradient is not inert: it moves an easy reward (mean redness 0.01 -> 0.05 in 40 steps at
-  lr 3e-3). The reconstruction signal is too weak for the samples we can afford; averaging n times more
-  samples per step shrinks the gradient noise by sqrt(n): far larger batches, on a GPU, are next to try.
+  lr 3e-3). The reconstruction signal is too weak for the samples we can afford, and 4x the batch (32
+  captions per step) did not help within 20-40 steps. Whether the reward's expected gradient raises
+  GenEval-shapes at all is still open: far larger batches and many more steps, on a GPU, are next.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os
