@@ -81,7 +81,7 @@ config = dict(
     # loss
     clip_eps=1e-4,  # ratio clip range (Flow-GRPO)
     adv_clip=5.0,  # advantages clipped to +-adv_clip
-    advantage_std="group",  # normalise advantages by each group's reward std, or the whole batch's ("batch")
+    advantage_std="group",  # normalise advantages by each group's reward std, or this rank's whole batch's ("batch")
     beta=0.01,  # KL weight on the predicted means
     # evaluation / logging
     eval_interval=20,  # steps between GenEval-shapes probes
@@ -173,6 +173,8 @@ def main(argv=None):
     rt, state = M.start_run(cfg)
     if state == "complete":
         return
+    if cfg.advantage_std not in ("group", "batch"):
+        raise ValueError(f"advantage_std must be 'group' or 'batch', got {cfg.advantage_std!r}")
     if cfg.captions_per_step % rt.world_size:
         raise ValueError(f"captions_per_step={cfg.captions_per_step} must divide over {rt.world_size} ranks")
     model = M.UAE.load(cfg.init_from).to(rt.device)

@@ -1252,6 +1252,8 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
     text = capsys.readouterr().out
     assert "at step 2" in text and "step 3 reward" in text
     assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(ValueError, match="advantage_std"):
+        grpo_decoder.main(args + [f"--out_dir={tmp_path / 'bad'}", "--advantage_std=global"])
 
 
 def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
