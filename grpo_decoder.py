@@ -38,7 +38,9 @@ Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
   a fixed pool of 16 train scenes with >= 3 objects (true captions, shared_noise + batch + sde_steps=2,
   8 of the 16 per step, 200 steps, 323 s), the reward rose 0.960 -> 0.977 (first / last 25 steps) and
   the exact-scene rate on those 16 captions (8 fresh seeds each, ODE 20 steps) went 0.727 -> 0.703 /
-  0.750 / 0.820 / 0.844 at steps 50 / 100 / 150 / 200. Over the whole caption distribution the same
+  0.750 / 0.820 / 0.844 at steps 50 / 100 / 150 / 200. With the encoder's captions of a pool of 64
+  train images instead, the reward fell (0.657 -> 0.615) and val GenEval-shapes went 0.685 / 0.595 /
+  0.605 / 0.610. Over the whole caption distribution the same
   budget spreads about one visit over each caption, and 4x the batch (32 captions per step) did not
   help within 20-40 steps: far more samples (larger batches, many more steps, a GPU) are next.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
