@@ -33,7 +33,7 @@ Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
   0.650 / 0.600 / 0.675; shared_noise + batch + sde_steps=2 0.660 / 0.605 / 0.605 (16 captions per step:
   0.590 at 50 and 75; 32 per step: 0.610 at 20, and at lr 3e-5 0.655 / 0.640 / 0.650 / 0.655 at
   10 / 20 / 30 / 40). With the TRUE long captions in that last setting, reward 0.956 -> 0.949 (first /
-  last 25 steps) and GenEval-shapes 0.635 / 0.635 / 0.565: the encoder's caption errors are not the cause.
+  last 25 steps) and GenEval-shapes 0.635 / 0.635 / 0.565: the encoder's caption errors are not the only cause.
 - The update does learn the reconstruction reward when it sees the same captions again and again: on
   a fixed pool of 16 train scenes with >= 3 objects (true captions, shared_noise + batch + sde_steps=2,
   8 of the 16 per step, 200 steps, 323 s), the reward rose 0.960 -> 0.977 (first / last 25 steps) and
