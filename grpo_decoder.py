@@ -56,7 +56,7 @@ import model as M
 import shapes
 from configurator import configure
 from data import load_images, read_jsonl
-from reward import ReconstructionReward, group_advantages, load_backbone
+from reward import ADVANTAGE_STD, ReconstructionReward, group_advantages, load_backbone
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -162,7 +162,8 @@ def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: b
 
 
 @torch.no_grad()
-def probe(model, rt, captions, scenes, cfg) -> dict:
+def probe(model, rt, captions, scenes, cfg, step: int) -> dict:
+    """GenEval-shapes of the current decoder on the val captions, printed as one `eval step` line."""
     model.eval()
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
     images = []
@@ -170,7 +171,9 @@ def probe(model, rt, captions, scenes, cfg) -> dict:
         with rt.autocast():
             images.append(model.generate(captions[i:i + 50], cfg.eval_steps, cfg.cfg_scale, generator=generator))
     model.train()
-    return shapes.generation_report(torch.cat(images), scenes)
+    report = shapes.generation_report(torch.cat(images), scenes)
+    rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    return report
 
 
 def main(argv=None):
@@ -178,8 +181,8 @@ def main(argv=None):
     rt, state = M.start_run(cfg)
     if state == "complete":
         return
-    if cfg.advantage_std not in ("group", "batch"):
-        raise ValueError(f"advantage_std must be 'group' or 'batch', got {cfg.advantage_std!r}")
+    if cfg.advantage_std not in ADVANTAGE_STD:
+        raise ValueError(f"advantage_std must be one of {ADVANTAGE_STD}, got {cfg.advantage_std!r}")
     if cfg.captions_per_step % rt.world_size:
         raise ValueError(f"captions_per_step={cfg.captions_per_step} must divide over {rt.world_size} ranks")
     model = M.UAE.load(cfg.init_from).to(rt.device)
@@ -203,7 +206,7 @@ def main(argv=None):
     local = cfg.captions_per_step // rt.world_size
     t_start, bad, first = time.time(), 0, True
     if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
-        rt.print("eval step 0 " + " ".join(f"{k} {v:.3f}" for k, v in probe(model, rt, val_captions, val_scenes, cfg).items()))
+        probe(model, rt, val_captions, val_scenes, cfg, step)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_decoder")
     while step < cfg.max_steps:
         t0 = time.time()
@@ -237,9 +240,7 @@ def main(argv=None):
             rt.print(f"step {step} reward {row['reward_mean']:.4f} ± {row['reward_std']:.4f} kl {row['kl']:.5f} "
                      f"clip {row['clip_fraction']:.3f} loss {row['loss']:.4f} time {row['seconds']:.1f}s")
         if rt.master and val_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            report = probe(model, rt, val_captions, val_scenes, cfg)
-            history[-1]["probe"] = report
-            rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
+            history[-1]["probe"] = probe(model, rt, val_captions, val_scenes, cfg, step)
         if rt.master and (step % cfg.save_interval == 0 or step == cfg.max_steps):
             M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), step == cfg.max_steps, history=history)
     bar.close()

@@ -176,6 +176,9 @@ class ReconstructionReward:
         return cosine(self.source_features(x, keys), self.backbone(x_hat))
 
 
+ADVANTAGE_STD = ("group", "batch")  # what group_advantages may normalise by
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, std_over: str = "group") -> torch.Tensor:
     """GRPO advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2; Flow-GRPO uses the same):
     A_i = (r_i - mean(r_group)) / (std + 1e-4), population std as in Flow-GRPO's np.std, where std is
@@ -187,8 +190,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std_over: str = "gr
     if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with length divisible by group_size={group_size}, "
                          f"got shape {tuple(rewards.shape)}")
-    if std_over not in ("group", "batch"):
-        raise ValueError(f"std_over must be 'group' or 'batch', got {std_over!r}")
+    if std_over not in ADVANTAGE_STD:
+        raise ValueError(f"std_over must be one of {ADVANTAGE_STD}, got {std_over!r}")
     r = rewards.float().view(-1, group_size)
     std = r.std(1, correction=0, keepdim=True) if std_over == "group" else r.std(correction=0)
     adv = (r - r.mean(1, keepdim=True)) / (std + 1e-4)
