@@ -44,7 +44,7 @@ config = dict(
     temperature=0.7,  # caption sampling temperature when not greedy
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     sample_steps=30,  # Euler steps of the decoder
-    cfg_scale=3.0,  # classifier-free guidance scale
+    cfg_scale=1.25,  # classifier-free guidance scale (shapes world: best of 1-3, README "guidance")
     batch_size=50,  # images per forward
     geneval=True,  # shapes world: also generate from the true long captions (GenEval-shapes)
     device="auto",  # auto = cuda if available else cpu

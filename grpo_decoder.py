@@ -80,7 +80,7 @@ config = dict(
     eval_steps=20,  # ODE steps when evaluating
     noise_level=0.7,  # a in std_t = a sqrt(sigma / (1 - sigma))
     sde_steps=0,  # the first sde_steps steps are stochastic and trained, the rest ODE (0 = all but the last)
-    cfg_scale=3.0,  # guidance, the same at sampling and in the update
+    cfg_scale=1.25,  # guidance, the same at sampling and in the update (README "guidance")
     shared_noise=False,  # a caption's G images start from the same initial latent (DanceGRPO)
     timestep_fraction=0.6,  # fraction of the SDE steps trained per rollout
     # loss

@@ -90,7 +90,7 @@ config = dict(
     eval_interval=2000,  # steps between GenEval-shapes probes
     eval_n=200,  # val captions per probe
     sample_steps=20,  # Euler steps when probing
-    cfg_scale=3.0,  # guidance when probing
+    cfg_scale=1.25,  # guidance when probing (README "guidance": 3.0 oversaturates this small DiT)
     log_interval=50,  # steps between log lines
     save_interval=1000,  # steps between checkpoints
     device="auto",  # auto = cuda if available else cpu

@@ -29,7 +29,7 @@ config = dict(
     temperature=0.7,  # caption sampling temperature (the paper's)
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     sample_steps=30,  # Euler steps of the decoder
-    cfg_scale=3.0,  # classifier-free guidance scale
+    cfg_scale=1.25,  # classifier-free guidance scale (shapes world: best of 1-3, README "guidance")
     device="auto",  # auto = cuda if available else cpu
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
     seed=0,  # sampling seed
