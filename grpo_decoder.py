@@ -15,13 +15,14 @@ makes only the first sde_steps steps stochastic (and trained), the rest ODE, as 
 Measured here: not yet working, decoder RL does not raise GenEval-shapes by the 10 points it should.
 - Guidance: every figure after this item was measured at CFG 3, the default until the sweep in the README
   ("guidance") showed that 3 costs this DiT about 10 points (val200, 3 seeds: 0.707 at 3, 0.802 at
-  1.25). Now at 1.25, from the RL encoder of this machine's speedrun (val200, seed 1337 probes, steps
+  1.25). Now at 1.25, from the 360-step RL encoder of this machine's speedrun (val200, seed 1337 probes, steps
   0 / 100 / 200 / 300): the defaults for 300 steps 0.775 / 0.775 / 0.770 / 0.755 (881 s, one thread, beside a speedrun).
 - At CFG 3, 600 steps of 8 captions x 8 images at lr 1e-4 (shared_noise, advantage_std="batch",
   sde_steps=2, timestep_fraction 1.0; 1,465 s, one thread): val200 mean of 3 seeds 0.657 -> 0.607.
 - At CFG 3, a fixed pool of 16 train scenes with >= 3 objects and their true captions (below)
   did raise val200 GenEval-shapes: 0.657 -> 0.733 (3 seeds), but at CFG 1.5 only 0.755 -> 0.775 (one
-  seed): most of what it learned was to undo the over-guidance.
+  seed): most of what it learned was to undo the over-guidance. The same run at CFG 1.25: 0.778 -> 0.773
+  (3 seeds; 672 s, one thread).
 With the earlier reward CLIP
 (hard negative: a dropped object only), from the speedrun's RL encoder, 60 steps, bench: GenEval-shapes
 0.74 before; after, 0.67 (lr 3e-4, beta 0.01, the defaults), 0.71 (1e-4, 0.04), 0.74 (3e-5, 0.04);
