@@ -219,8 +219,10 @@ def main(argv=None):
             history[-1]["probe"] = {k: v for k, v in report.items() if k != "example"}
             rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "example")
                      + f" | {report['example']}")
-        if rt.master and (step % cfg.save_interval == 0 or step == cfg.max_steps):
-            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), step == cfg.max_steps, history=history)
+        saving = step % cfg.save_interval == 0 or step == cfg.max_steps
+        rng = M.rng_states() if saving else None  # a collective: every rank takes part
+        if rt.master and saving:
+            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), rng, step == cfg.max_steps, history=history)
     bar.close()
     M.end_run(rt, step, t_start)
 

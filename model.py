@@ -123,7 +123,27 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(state: dict):
+def rng_states() -> list[dict]:
+    """Every rank's RNG state, in rank order: a collective, so every rank calls it when a checkpoint is due
+    (the master alone writes it). Resuming gives each rank its own streams back; saving the master's
+    alone would hand rank 0's streams to every rank, so they would all draw the same batches."""
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def set_rng_state(states: list[dict] | dict):
+    """Restore this rank's streams from rng_states(). A checkpoint written by a different number of ranks
+    (or before checkpoints held one state per rank: a dict) keeps the fresh seed + rank streams."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    states = [states] if isinstance(states, dict) else states
+    if len(states) != world:
+        print(f"rank {rank}: checkpoint RNG from {len(states)} rank(s), running {world}: keeping fresh RNG streams")
+        return
+    state = states[rank]
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -169,14 +189,15 @@ def all_reduce_grads(params):
                 p.grad /= dist.get_world_size()
 
 
-def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict, finished: bool = False,
-                    extra: dict | None = None, history: list[dict] | None = None):
-    """Atomically write weights (model.save), optimizer, step, config and RNG states into out_dir.
-    An RL run's per-step `history` also goes in, as log.jsonl and reward_curve.png."""
+def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict, rng: list[dict],
+                    finished: bool = False, extra: dict | None = None, history: list[dict] | None = None):
+    """Atomically write weights (model.save), optimizer, step, config and every rank's RNG state (`rng`,
+    from rng_states()) into out_dir. An RL run's per-step `history` also goes in, as log.jsonl and
+    reward_curve.png."""
     from data import plot_curve
     with atomic_dir(out_dir) as tmp:
         model.save(tmp, trained)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng_state(),
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng,
                     "finished": finished, "history": history, **(extra or {})}, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)

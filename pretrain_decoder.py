@@ -274,6 +274,7 @@ def main(argv=None):
             dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
             rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms elapsed {time.time() - t0:.0f}s")
         last = step == cfg.max_steps
+        rng = M.rng_states() if step % cfg.save_interval == 0 or last else None  # a collective: every rank takes part
         if rt.master and (step % cfg.eval_interval == 0 or step % cfg.save_interval == 0 or last):
             raw = [copy.deepcopy(m.state_dict()) for m in trained]
             for m, e in zip(trained, ema):  # sample and save with the EMA weights
@@ -288,7 +289,7 @@ def main(argv=None):
             if step % cfg.save_interval == 0 or last:
                 trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
                                 (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
-                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg), last,
+                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg), rng, last,
                                   {"raw": raw, "ema": [e.state_dict() for e in ema]})
             for m, r in zip(trained, raw):
                 m.load_state_dict(r)

@@ -161,8 +161,9 @@ def main(argv=None):
                 rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "example")
                          + f" | {report['example']}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            rng = M.rng_states()  # a collective: every rank takes part
             if rt.master:
-                M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg), finished=step == cfg.max_steps)
+                M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg), rng, finished=step == cfg.max_steps)
     bar.close()
     M.end_run(rt, step, t0)
 

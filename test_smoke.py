@@ -119,6 +119,20 @@ def test_tokenizer_round_trip_chat_template_and_processor(tmp_path):
 
 # ----------------------------------------------------------------------------- configurator
 
+def test_rng_states_restore_this_ranks_streams(capsys):
+    M.seed_everything(7)
+    saved = M.rng_states()  # one process: a list of one state
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    M.seed_everything(8)
+    M.set_rng_state(saved)
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    M.seed_everything(8)
+    fresh = torch.rand(3)
+    M.seed_everything(8)
+    M.set_rng_state(saved * 2)  # written by two ranks, resumed by one: the fresh streams stay
+    assert torch.equal(torch.rand(3), fresh) and "keeping fresh RNG streams" in capsys.readouterr().out
+
+
 def test_configurator_types_files_and_errors(tmp_path):
     defaults = {"lr": 1e-3, "steps": 10, "name": "run", "compile": False, "betas": (0.9, 0.95), "init_from": None}
     cfg = configure(defaults, ["--lr=1", "--steps=20", "--name=out/x", "--compile=True", "--betas=(0.8,0.9)"])
@@ -1156,7 +1170,10 @@ def test_grpo_encoder_two_process_gloo(tiny_world, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 1 reward") == 1
-    assert M.load_training_state(str(tmp_path / "g2"))["step"] == 1
+    state = M.load_training_state(str(tmp_path / "g2"))
+    assert state["step"] == 1
+    # one RNG state per rank, each rank's own (seed + rank): a resumed run must not hand rank 0's to both
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
 # ----------------------------------------------------------------------------- cold start
