@@ -199,12 +199,12 @@ def main(argv=None):
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("transformer", cfg.lora_r, cfg.lora_alpha, M.DIT_LORA_TARGETS)
+    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, history = 0, []
     if state is not None:
         M.load_lora(model.transformer, os.path.join(cfg.out_dir, "lora_transformer"))
         opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
         step, history = state["step"], state["history"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the DiT")
@@ -218,6 +218,8 @@ def main(argv=None):
     t_start, bad, first = time.time(), 0, True
     if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
         probe(model, rt, val_captions, val_scenes, cfg, step)
+    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+        M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_decoder")
     while step < cfg.max_steps:
         t0 = time.time()

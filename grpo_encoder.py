@@ -162,12 +162,12 @@ def main(argv=None):
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step, history = 0, []
     if state is not None:
         M.load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
         opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
         step, history = state["step"], state["history"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the LLM")
@@ -181,6 +181,8 @@ def main(argv=None):
     local_images = cfg.images_per_step // rt.world_size
     # ---- loop
     t_start, bad = time.time(), 0
+    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+        M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_encoder")
     while step < cfg.max_steps:
         t0 = time.time()

@@ -180,6 +180,14 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float = 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def broadcast_from_master(module: nn.Module):
+    """Make every rank's copy of the model rank 0's. Random inits (a new LoRA's A, a fresh network) are
+    drawn from per-rank seeds (seed + rank), and averaged gradients only make sense for one model."""
+    if dist.is_initialized():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
 def all_reduce_grads(params):
     """Data parallelism made explicit: average gradients over ranks after backward (gloo or nccl)."""
     if dist.is_initialized():
@@ -239,9 +247,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """A new nn.Linear with W + scale * B A (the base layer itself is left untouched)."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                        device=self.base.weight.device, dtype=self.base.weight.dtype)
+        """A new nn.Linear with W + scale * B A (the base layer itself is left untouched). skip_init: a
+        random init would be overwritten anyway, and drawing it would shift the RNG streams of a run that
+        saves (merging is how checkpoints are written), so a resumed run would no longer match it."""
+        out = torch.nn.utils.skip_init(nn.Linear, self.base.in_features, self.base.out_features,
+                                       bias=self.base.bias is not None, device=self.base.weight.device,
+                                       dtype=self.base.weight.dtype)
         out.weight.copy_(self.base.weight + (self.lora_B @ self.lora_A * self.scale).to(self.base.weight.dtype))
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias)

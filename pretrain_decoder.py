@@ -204,6 +204,7 @@ def main(argv=None):
     ema = copy.deepcopy(trained)
     for m in ema:
         m.requires_grad_(False)
+    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = 0
     if state is not None:
@@ -211,7 +212,6 @@ def main(argv=None):
             m.load_state_dict(raw)
             e.load_state_dict(smooth)
         opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
         step = state["step"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"decoder: projector {sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M + "
@@ -238,6 +238,8 @@ def main(argv=None):
     loss_fn = torch.compile(flow_matching_loss) if cfg.compile else flow_matching_loss
     eval_gen = torch.Generator(device=rt.device)
     # ---- loop
+    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+        M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_decoder")
     t_log = time.time()
     while step < cfg.max_steps:

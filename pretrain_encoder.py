@@ -111,12 +111,12 @@ def main(argv=None):
     rt.print(f"encoder: {n_params / 1e6:.2f}M trainable parameters (Qwen2.5-VL architecture)")
     matrices = [p for p in params if p.ndim >= 2]
     vectors = [p for p in params if p.ndim < 2]
+    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
                              {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        M.set_rng_state(state["rng"])
         step = state["step"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     # ---- data
@@ -130,6 +130,8 @@ def main(argv=None):
     local_batch = cfg.batch_size // rt.world_size
     # ---- loop
     t0, flops_t0 = time.time(), time.time()
+    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+        M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_encoder")
     while step < cfg.max_steps:
         lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)

@@ -1163,17 +1163,27 @@ def test_bench_reports_time_memory_and_mfu(tiny_world, capsys):
     assert row["gflops_per_step"] > 0 and 0 < row["mfu"] < 1  # a step above the matmul peak would be a counting bug
 
 
-def test_grpo_encoder_two_process_gloo(tiny_world, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO, "grpo_encoder.py")] + _grpo_encoder_args(tiny_world, tmp_path / "g2") + \
-        ["--max_steps=1", "--threads=1"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("step 1 reward") == 1
+def test_grpo_encoder_two_process_gloo_resumes_exactly(tiny_world, tmp_path):
+    from safetensors.torch import load_file
+
+    def run(out, steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "grpo_encoder.py")] + _grpo_encoder_args(tiny_world, out) + \
+            [f"--max_steps={steps}", "--threads=1", "--save_interval=1", "--eval_interval=100"]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    out = run(tmp_path / "g2", 2)
+    assert out.count("step 1 reward") == 1  # only rank 0 prints
     state = M.load_training_state(str(tmp_path / "g2"))
-    assert state["step"] == 1
+    assert state["step"] == 2
     # one RNG state per rank, each rank's own (seed + rank): a resumed run must not hand rank 0's to both
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    run(tmp_path / "g2r", 1)
+    assert "resumed from" in run(tmp_path / "g2r", 2)
+    continuous, resumed = (load_file(str(tmp_path / d / "lora_llm" / "lora.safetensors")) for d in ("g2", "g2r"))
+    assert all(torch.equal(continuous[k], resumed[k]) for k in continuous)  # bit for bit
 
 
 # ----------------------------------------------------------------------------- cold start
