@@ -66,7 +66,7 @@ def main(argv=None):
     for p in decoder_params:
         p.requires_grad_(True)
     params = lora + decoder_params
-    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
+    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr_lora}, {"params": decoder_params, "lr": cfg.lr_decoder}],
                             betas=(0.9, 0.99), weight_decay=0.0)
     step = 0
@@ -85,7 +85,7 @@ def main(argv=None):
     caption_offset = model.generate_prefix_tokens()  # caption states get the positions a generate turn gives them
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     t0 = time.time()
-    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+    if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
     while step < cfg.max_steps:

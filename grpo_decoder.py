@@ -199,7 +199,7 @@ def main(argv=None):
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("transformer", cfg.lora_r, cfg.lora_alpha, M.DIT_LORA_TARGETS)
-    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
+    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, history = 0, []
     if state is not None:
@@ -218,7 +218,7 @@ def main(argv=None):
     t_start, bad, first = time.time(), 0, True
     if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
         probe(model, rt, val_captions, val_scenes, cfg, step)
-    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+    if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_decoder")
     while step < cfg.max_steps:

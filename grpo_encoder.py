@@ -162,7 +162,7 @@ def main(argv=None):
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
-    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
+    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step, history = 0, []
     if state is not None:
@@ -181,7 +181,7 @@ def main(argv=None):
     local_images = cfg.images_per_step // rt.world_size
     # ---- loop
     t_start, bad = time.time(), 0
-    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+    if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_encoder")
     while step < cfg.max_steps:

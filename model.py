@@ -136,8 +136,10 @@ def rng_states() -> list[dict]:
 
 
 def set_rng_state(states: list[dict] | dict):
-    """Restore this rank's streams from rng_states(). A checkpoint written by a different number of ranks
-    (or before checkpoints held one state per rank: a dict) keeps the fresh seed + rank streams."""
+    """Restore this rank's streams from rng_states(). Call it last before the loop: start-up draws random
+    numbers too (LoRA inits, building a reward backbone), and a continuous run drew those before its
+    first step. A checkpoint written by a different number of ranks (or before checkpoints held one state
+    per rank: a dict) keeps the fresh seed + rank streams."""
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     states = [states] if isinstance(states, dict) else states
     if len(states) != world:
@@ -180,12 +182,13 @@ def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float = 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def broadcast_from_master(module: nn.Module):
-    """Make every rank's copy of the model rank 0's. Random inits (a new LoRA's A, a fresh network) are
-    drawn from per-rank seeds (seed + rank), and averaged gradients only make sense for one model."""
+def broadcast_from_master(params: list[nn.Parameter]):
+    """Give every rank rank 0's values of the trained parameters. Their random inits (a new LoRA's A, a
+    fresh network) are drawn from per-rank seeds (seed + rank), and averaged gradients only make sense
+    for one model; frozen weights come from the same checkpoint on every rank, so they are not sent."""
     if dist.is_initialized():
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+        for p in params:
+            dist.broadcast(p.data, src=0)
 
 
 def all_reduce_grads(params):

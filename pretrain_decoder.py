@@ -201,10 +201,10 @@ def main(argv=None):
     model.llm.requires_grad_(False).eval()
     trained = model.decoder_modules()
     params = [p for m in trained for p in m.parameters()]
+    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     ema = copy.deepcopy(trained)
     for m in ema:
         m.requires_grad_(False)
-    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = 0
     if state is not None:
@@ -238,7 +238,7 @@ def main(argv=None):
     loss_fn = torch.compile(flow_matching_loss) if cfg.compile else flow_matching_loss
     eval_gen = torch.Generator(device=rt.device)
     # ---- loop
-    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+    if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_decoder")
     t_log = time.time()

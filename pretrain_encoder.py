@@ -111,7 +111,7 @@ def main(argv=None):
     rt.print(f"encoder: {n_params / 1e6:.2f}M trainable parameters (Qwen2.5-VL architecture)")
     matrices = [p for p in params if p.ndim >= 2]
     vectors = [p for p in params if p.ndim < 2]
-    M.broadcast_from_master(model)  # one model on every rank (per-rank seeds drew the random inits)
+    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
                              {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
@@ -130,7 +130,7 @@ def main(argv=None):
     local_batch = cfg.batch_size // rt.world_size
     # ---- loop
     t0, flops_t0 = time.time(), time.time()
-    if state is not None:  # restored last: start-up (e.g. building the reward backbone) draws random numbers too
+    if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_encoder")
     while step < cfg.max_steps:

@@ -119,20 +119,6 @@ def test_tokenizer_round_trip_chat_template_and_processor(tmp_path):
 
 # ----------------------------------------------------------------------------- configurator
 
-def test_rng_states_restore_this_ranks_streams(capsys):
-    M.seed_everything(7)
-    saved = M.rng_states()  # one process: a list of one state
-    draws = (random.random(), np.random.rand(), torch.rand(3))
-    M.seed_everything(8)
-    M.set_rng_state(saved)
-    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
-    M.seed_everything(8)
-    fresh = torch.rand(3)
-    M.seed_everything(8)
-    M.set_rng_state(saved * 2)  # written by two ranks, resumed by one: the fresh streams stay
-    assert torch.equal(torch.rand(3), fresh) and "keeping fresh RNG streams" in capsys.readouterr().out
-
-
 def test_configurator_types_files_and_errors(tmp_path):
     defaults = {"lr": 1e-3, "steps": 10, "name": "run", "compile": False, "betas": (0.9, 0.95), "init_from": None}
     cfg = configure(defaults, ["--lr=1", "--steps=20", "--name=out/x", "--compile=True", "--betas=(0.8,0.9)"])
@@ -699,6 +685,20 @@ def test_sde_sampler_shapes_and_cfg(tiny_uae):
 
 
 # ----------------------------------------------------------------------------- training scripts, end to end
+
+def test_rng_states_restore_this_ranks_streams(capsys):
+    M.seed_everything(7)
+    saved = M.rng_states()  # one process: a list of one state
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    M.seed_everything(8)
+    M.set_rng_state(saved)
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
+    M.seed_everything(8)
+    fresh = torch.rand(3)
+    M.seed_everything(8)
+    M.set_rng_state(saved * 2)  # written by two ranks, resumed by one: the fresh streams stay
+    assert torch.equal(torch.rand(3), fresh) and "keeping fresh RNG streams" in capsys.readouterr().out
+
 
 TINY_ENCODER = ["--llm_hidden=64", "--llm_layers=2", "--vision_hidden=32", "--vision_layers=1", "--batch_size=8",
                 "--eval_n=4", "--max_new_tokens=8", "--threads=2"]
