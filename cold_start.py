@@ -118,10 +118,8 @@ def main(argv=None):
             rt.print(f"step {step} loss {M.all_reduce_mean(loss.detach()).item():.4f} "
                      f"similarity {M.all_reduce_mean(similarity.detach().mean()).item():.4f} "
                      f"ce {M.all_reduce_mean(ce.detach()).item():.4f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
-        saving = step % cfg.save_interval == 0 or step == cfg.max_steps
-        rng = M.rng_states() if saving else None  # a collective: every rank takes part
-        if rt.master and saving:
-            M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg), rng, step == cfg.max_steps,
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg), step == cfg.max_steps,
                               {"decoder": [m.state_dict() for m in decoder]})
     bar.close()
     M.end_run(rt, step, t0)

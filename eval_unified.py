@@ -149,7 +149,7 @@ def summary(results: dict) -> str:
         f"{k} {results[k]['average']:.4f}" for k in BACKBONES if k in results) + ")"]
     for table in ("understanding", "generation", "unification"):
         if table in results:
-            lines.append(f"{table}: " + " ".join(f"{k} {v:.3f}" for k, v in results[table].items()))
+            lines.append(f"{table}: " + shapes.format_report(results[table]))
     return "\n".join(lines)
 
 

@@ -183,7 +183,7 @@ def probe(model, rt, captions, scenes, cfg, step: int) -> dict:
             images.append(model.generate(captions[i:i + 50], cfg.eval_steps, cfg.cfg_scale, generator=generator))
     model.train()
     report = shapes.generation_report(torch.cat(images), scenes)
-    rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
+    rt.print(f"eval step {step} " + shapes.format_report(report))
     return report
 
 
@@ -254,10 +254,8 @@ def main(argv=None):
                      f"clip {row['clip_fraction']:.3f} loss {row['loss']:.4f} time {row['seconds']:.1f}s")
         if rt.master and val_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             history[-1]["probe"] = probe(model, rt, val_captions, val_scenes, cfg, step)
-        saving = step % cfg.save_interval == 0 or step == cfg.max_steps
-        rng = M.rng_states() if saving else None  # a collective: every rank takes part
-        if rt.master and saving:
-            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), rng, step == cfg.max_steps,
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), step == cfg.max_steps,
                               history=history)
     bar.close()
     M.end_run(rt, step, t_start)

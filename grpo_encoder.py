@@ -219,12 +219,10 @@ def main(argv=None):
         if rt.master and probe_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             report = probe(model, rt, probe_images, probe_scenes, cfg)
             history[-1]["probe"] = {k: v for k, v in report.items() if k != "example"}
-            rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "example")
+            rt.print(f"eval step {step} " + shapes.format_report(report)
                      + f" | {report['example']}")
-        saving = step % cfg.save_interval == 0 or step == cfg.max_steps
-        rng = M.rng_states() if saving else None  # a collective: every rank takes part
-        if rt.master and saving:
-            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), rng, step == cfg.max_steps, history=history)
+        if step % cfg.save_interval == 0 or step == cfg.max_steps:
+            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), step == cfg.max_steps, history=history)
     bar.close()
     M.end_run(rt, step, t_start)
 

@@ -124,8 +124,7 @@ def rng_state() -> dict:
 
 
 def rng_states() -> list[dict]:
-    """Every rank's RNG state, in rank order: a collective, so every rank calls it when a checkpoint is due
-    (the master alone writes it). Resuming gives each rank its own streams back; saving the master's
+    """Every rank's RNG state, in rank order: a collective (save_checkpoint calls it on every rank). Resuming gives each rank its own streams back; saving the master's
     alone would hand rank 0's streams to every rank, so they would all draw the same batches."""
     state = rng_state()
     if not dist.is_initialized():
@@ -200,12 +199,15 @@ def all_reduce_grads(params):
                 p.grad /= dist.get_world_size()
 
 
-def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict, rng: list[dict],
-                    finished: bool = False, extra: dict | None = None, history: list[dict] | None = None):
-    """Atomically write weights (model.save), optimizer, step, config and every rank's RNG state (`rng`,
-    from rng_states()) into out_dir. An RL run's per-step `history` also goes in, as log.jsonl and
-    reward_curve.png."""
+def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict, finished: bool = False,
+                    extra: dict | None = None, history: list[dict] | None = None):
+    """Atomically write weights (model.save), optimizer, step, config and every rank's RNG state into
+    out_dir. Every rank calls it (gathering the RNG states is a collective); rank 0 alone writes. An RL
+    run's per-step `history` also goes in, as log.jsonl and reward_curve.png."""
     from data import plot_curve
+    rng = rng_states()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     with atomic_dir(out_dir) as tmp:
         model.save(tmp, trained)
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng,

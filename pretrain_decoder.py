@@ -276,22 +276,22 @@ def main(argv=None):
             dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
             rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms elapsed {time.time() - t0:.0f}s")
         last = step == cfg.max_steps
-        rng = M.rng_states() if step % cfg.save_interval == 0 or last else None  # a collective: every rank takes part
-        if rt.master and (step % cfg.eval_interval == 0 or step % cfg.save_interval == 0 or last):
+        probing, saving = rt.master and (step % cfg.eval_interval == 0 or last), step % cfg.save_interval == 0 or last
+        if probing or saving:
             raw = [copy.deepcopy(m.state_dict()) for m in trained]
             for m, e in zip(trained, ema):  # sample and save with the EMA weights
                 m.load_state_dict(e.state_dict())
-            if step % cfg.eval_interval == 0 or last:
+            if probing:
                 model.eval()
                 eval_gen.manual_seed(cfg.seed)
                 report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen) if val_scenes else {}
                 report["text_reliance"] = text_reliance(model, rt, val_latents, val_hidden, eval_gen)
-                rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
+                rt.print(f"eval step {step} " + shapes.format_report(report))
                 model.train()
-            if step % cfg.save_interval == 0 or last:
+            if saving:  # every rank: the RNG states are gathered
                 trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
                                 (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
-                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg), rng, last,
+                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg), last,
                                   {"raw": raw, "ema": [e.state_dict() for e in ema]})
             for m, r in zip(trained, raw):
                 m.load_state_dict(r)

@@ -160,12 +160,10 @@ def main(argv=None):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if rt.master:
                 report = probe(model, rt, val_images, val_scenes, cfg.max_new_tokens)
-                rt.print(f"eval step {step} " + " ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "example")
+                rt.print(f"eval step {step} " + shapes.format_report(report)
                          + f" | {report['example']}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            rng = M.rng_states()  # a collective: every rank takes part
-            if rt.master:
-                M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg), rng, finished=step == cfg.max_steps)
+            M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg), finished=step == cfg.max_steps)
     bar.close()
     M.end_run(rt, step, t0)
 

@@ -287,6 +287,11 @@ def generation_report(images, targets: list[tuple]) -> dict:
             "overall_3plus": mean(big, "overall")}
 
 
+def format_report(report: dict) -> str:
+    """A report as one log line, `name value` per metric to 3 decimals (text entries, a caption example, left out)."""
+    return " ".join(f"{k} {v:.3f}" for k, v in report.items() if not isinstance(v, str))
+
+
 def scene_f1(a: tuple, b: tuple) -> float:
     """F1 between two scenes as sets of fully specified objects (pos, colour, shape, size)."""
     if not a and not b:
