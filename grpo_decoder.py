@@ -12,48 +12,29 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
 makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Measured here: not yet working, decoder RL does not raise GenEval-shapes by the 10 points it should.
-- Guidance: every figure after this item was measured at CFG 3, the default until the sweep in the README
-  ("guidance") showed that 3 costs this DiT about 10 points (val200, 3 seeds: 0.707 at 3, 0.802 at
-  1.25). Now at 1.25, from the 360-step RL encoder of this machine's speedrun (val200, seed 1337 probes, steps
-  0 / 100 / 200 / 300): the defaults for 300 steps 0.775 / 0.775 / 0.770 / 0.755 (881 s, one thread, beside a speedrun).
-- At CFG 3, 600 steps of 8 captions x 8 images at lr 1e-4 (shared_noise, advantage_std="batch",
-  sde_steps=2, timestep_fraction 1.0; 1,465 s, one thread): val200 mean of 3 seeds 0.657 -> 0.607.
-- At CFG 3, a fixed pool of 16 train scenes with >= 3 objects and their true captions (below)
-  did raise val200 GenEval-shapes: 0.657 -> 0.733 (3 seeds), but at CFG 1.5 only 0.755 -> 0.775 (one
-  seed): most of what it learned was to undo the over-guidance. The same run at CFG 1.25: 0.778 -> 0.773
-  (3 seeds; 672 s, one thread).
-With the earlier reward CLIP
-(hard negative: a dropped object only), from the speedrun's RL encoder, 60 steps, bench: GenEval-shapes
-0.74 before; after, 0.67 (lr 3e-4, beta 0.01, the defaults), 0.71 (1e-4, 0.04), 0.74 (3e-5, 0.04);
-Unified-Score 68.62 -> 68.62 / 68.71 / 68.64. Diagnostics, val:
-- The reward does rank rollouts: within a caption's group, images the oracle reads as exactly right
-  out-score wrong ones with probability 0.78 (AUC, 48 true captions x 8). But all-SDE rollouts at 8
-  steps and a=0.7 are exactly right only 40% of the time (near-ODE at 20 steps: 75%); sde_steps=2: 70%.
-- The reward CLIP now sees layout (hard negatives per attribute in prepare.py; with the drop negative
-  alone, moving an object cost 0.020 cosine); from the same checkpoints this stage still gave
-  0.73 -> 0.72 on the bench. The figures below are from a later speedrun on another machine.
-- The policy gradient has almost no consistent direction at the batch we can afford. Cosine between
-  the LoRA gradients of independent rollout batches (8 captions x 8 images, pairs of 4-6 batches): about
-  0 with independent starting noise (group std -0.06, batch std -0.05); with shared_noise and
-  advantage_std="batch", -0.04 all-SDE, 0.09 with sde_steps=2, 0.05 with sde_steps=1. Adam turns the
-  rest, noise, into full-size steps: a random walk away from the pretrained optimum.
-- So the reward does not rise and GenEval-shapes falls, whatever the captions. From a 0.670 start (val
-  200, 8 captions per step, GenEval-shapes at steps 50 / 100 / 150 / 200): advantage_std="batch"
-  0.735 / 0.650 / 0.690 / 0.680; + sde_steps=2 0.670 / 0.695 / 0.610 / 0.610; shared_noise + batch
-  0.650 / 0.600 / 0.675; shared_noise + batch + sde_steps=2 0.660 / 0.605 / 0.605 (16 captions per step:
-  0.590 at 50 and 75; 32 per step: 0.610 at 20, and at lr 3e-5 0.655 / 0.640 / 0.650 / 0.655 at
-  10 / 20 / 30 / 40). With the TRUE long captions in that last setting, reward 0.956 -> 0.949 (first /
-  last 25 steps) and GenEval-shapes 0.635 / 0.635 / 0.565: the encoder's caption errors are not the only cause.
-- The update does learn the reconstruction reward when it sees the same captions again and again: on
-  a fixed pool of 16 train scenes with >= 3 objects (true captions, shared_noise + batch + sde_steps=2,
-  8 of the 16 per step, 200 steps, 323 s), the reward rose 0.960 -> 0.977 (first / last 25 steps) and
-  the exact-scene rate on those 16 captions (8 fresh seeds each, ODE 20 steps) went 0.727 -> 0.703 /
-  0.750 / 0.820 / 0.844 at steps 50 / 100 / 150 / 200. With the encoder's captions of a pool of 64
-  train images instead, the reward fell (0.657 -> 0.615) and val GenEval-shapes went 0.685 / 0.595 /
-  0.605 / 0.610. Over the whole caption distribution the same
-  budget spreads about one visit over each caption, and 4x the batch (32 captions per step) did not
-  help within 20-40 steps: far more samples (larger batches, many more steps, a GPU) are next.
+Measured here: decoder RL does not raise GenEval-shapes, with this reward or with a perfect one.
+- The speedrun (README; clean clone of 64eb1b8), defaults, 60 steps: bench GenEval-shapes 0.94 -> 0.93,
+  Unified-Score 81.00 -> 80.69; on its 100 val captions 0.90 -> 0.83 / 0.84 / 0.87 at steps 20 / 40 / 60.
+  The pretrained decoder already draws 93 of the 100 bench scenes exactly.
+- The reward is not what stops it. From that run's RL encoder, 300 steps, val200 at seed 1337, steps
+  0 / 100 / 200 / 300 (experiments/decoder_rl/oracle_reward.py on branch decoder-rl-snr; one thread each):
+  - true captions, reward = the oracle's scene-F1 against the source: 0.925 / 0.895 / 0.895 / 0.900, though
+    its rollouts' reward rose 0.836 -> 0.865 (first / last 25 steps);
+  - true captions, the reconstruction reward: 0.925 / 0.910 / 0.920 / 0.900 (reward 0.974 -> 0.974);
+  - rollouts near the evaluation sampler (train_steps=20, sde_steps=2, timestep_fraction 1.0): oracle
+    reward 0.925 / 0.895 / 0.885 at 0 / 100 / 200; reconstruction reward, encoder captions 0.925 / 0.905 / 0.775;
+  - lr 3e-5, defaults otherwise: oracle reward, true captions 0.925 / 0.915 / 0.920 / 0.910 (reward 0.852 ->
+    0.856); the stage itself (reconstruction reward, encoder captions) 0.925 / 0.905 / 0.915 / 0.900 (0.813 -> 0.820).
+  With a perfect reward Flow-GRPO at 4 captions x 8 images per step still lowers GenEval-shapes here.
+- Why, from earlier stops (weaker decoders, before the data-parallel fix 5a7c1d0, CFG 3 and 1.25): no setting
+  raised val GenEval-shapes (lr 3e-5..1e-3, beta 0.01..0.04, group or batch advantage std, shared starting
+  noise, sde_steps 1/2, 4x the captions per step, true captions). The reward ranks a caption's rollouts
+  rightly (AUC 0.78 for exactly-right vs wrong images), but the cosine between the LoRA gradients of two
+  independent rollout batches (8 captions x 8 images) is about 0, at best 0.09: Adam turns that noise into
+  full-size steps, a random walk away from the pretrained optimum. The update itself works: on a fixed
+  pool of 16 captions seen again and again, the exact-scene rate on them rose 0.727 -> 0.844 in 200 steps.
+  Over the whole caption distribution our budget gives about one visit per caption; far more samples per
+  step (a GPU) are next.
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os
