@@ -11,14 +11,13 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
     torchrun --standalone --nproc_per_node=2 grpo_encoder.py
     torchrun --nproc_per_node=8 grpo_encoder.py config/paper_grpo_encoder.py
 
-Measured here (defaults, 2 processes, 503 s, in the speedrun; val probe of 100 images): small-object
-recall 0.03 / 0.12 / 0.17 / 0.33 / 0.43 / 0.44 at steps 40 / 80 / 120 / 200 / 280 / 360, precision
-1.00 / 0.98 / 0.96 / 0.93 / 0.96 / 0.95: the encoder learns to list small objects and to state
-positions, which it gets wrong often (attribute accuracy 0.56 at step 360). With the earlier,
-layout-blind reward CLIP the same run reached 0.49 at precision 0.91.
-On a second machine of this kind the same 360 steps reached only 0.34 (val) / 0.414 (bench), so the
-default is now 720: bench small-object recall 0.414 / 0.444 / 0.451, precision 0.906 / 0.865 / 0.900,
-Unified-Score 67.15 / 71.53 / 73.50 at 360 / 540 / 720 steps (by resuming the 360-step run).
+Measured here (defaults, 2 processes, 984 s, in the speedrun at 64eb1b8; val probe of 100 images): small-
+object recall 0.015 / 0.058 / 0.482 / 0.657 / 0.715 / 0.803 / 0.781 at steps 40 / 80 / 160 / 360 / 520 /
+640 / 720, precision 1.00 / 1.00 / 0.995 / 0.987 / 0.987 / 0.984 / 0.984; on the bench 0.842 at 720. The
+encoder learns to list small objects and to state positions, which it gets wrong often (attribute
+accuracy 0.65 at step 720). 720 steps were chosen before the data-parallel fix (5a7c1d0), when ranks
+trained different models and recall was still rising at 540-720 (bench 0.414 / 0.444 / 0.451 at 360 /
+540 / 720); with one model per rank it is near its plateau from about 640.
 
 Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
 reward_curve.png.
@@ -49,7 +48,7 @@ config = dict(
     weight_decay=0.0,  # AdamW weight decay
     grad_clip=1.0,  # max gradient norm
     # rollout
-    max_steps=720,  # RL steps (docstring: small-object recall still rising at 540-720)
+    max_steps=720,  # RL steps (docstring: small-object recall near its plateau from about 640)
     images_per_step=8,  # B source images per step (global; each group lives on one rank)
     group_size=8,  # G captions per image
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same

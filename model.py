@@ -124,8 +124,9 @@ def rng_state() -> dict:
 
 
 def rng_states() -> list[dict]:
-    """Every rank's RNG state, in rank order: a collective (save_checkpoint calls it on every rank). Resuming gives each rank its own streams back; saving the master's
-    alone would hand rank 0's streams to every rank, so they would all draw the same batches."""
+    """Every rank's RNG state, in rank order: a collective (save_checkpoint calls it on every rank).
+    Resuming gives each rank its own streams back; saving the master's alone would hand rank 0's streams
+    to every rank, so they would all draw the same batches."""
     state = rng_state()
     if not dist.is_initialized():
         return [state]

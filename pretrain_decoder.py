@@ -276,7 +276,8 @@ def main(argv=None):
             dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
             rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms elapsed {time.time() - t0:.0f}s")
         last = step == cfg.max_steps
-        probing, saving = rt.master and (step % cfg.eval_interval == 0 or last), step % cfg.save_interval == 0 or last
+        probing = rt.master and (step % cfg.eval_interval == 0 or last)
+        saving = step % cfg.save_interval == 0 or last
         if probing or saving:
             raw = [copy.deepcopy(m.state_dict()) for m in trained]
             for m, e in zip(trained, ema):  # sample and save with the EMA weights
