@@ -4,20 +4,22 @@ Runs grpo_encoder.py and grpo_decoder.py for a few steps through their own main(
 those of the real code paths) into a scratch directory, then reads their per-step logs:
 
     python bench.py --init_from=out/speedrun/cold_start
-    python bench.py --init_from=out/x --script_args="--images_per_step=16 --group_size=8"
+    python bench.py --init_from=out/x --encoder_args="--images_per_step=16 --group_size=8" --decoder_args="--group_size=16"
 
 Prints per kind: median seconds per step and its split (caption generation / image decoding or
-sampling / reward / policy forward-backward), samples per second, peak memory (CUDA: max
-allocated; CPU: growth of the process's peak RSS), FLOPs per step and MFU (DESIGN §9): the step's
+sampling / reward / policy forward-backward), samples per second, peak memory of a fresh process
+running the steps (CUDA: max allocated; CPU: the process's peak RSS, weights and interpreter
+included), FLOPs per step and MFU (DESIGN §9): the step's
 FLOPs (torch's FlopCounterMode on a 2-step minus a 1-step run: the second step alone) per median
 second, as a fraction of this machine's measured matmul peak in the autocast dtype (nanoGPT's MFU,
 with a measured rather than a datasheet peak). The first timed step is warm-up and is excluded.
 Speed and memory targets live here, not in tests.
 """
 import json
-import resource
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,15 +35,12 @@ config = dict(
     reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # reward spec
     steps=4,  # steps per kind (the first is warm-up)
     kinds="encoder,decoder",  # which GRPO steps to time
-    script_args="",  # extra --key=value flags for both scripts (space separated)
+    encoder_args="",  # extra --key=value flags for grpo_encoder.py (space separated)
+    decoder_args="",  # extra --key=value flags for grpo_decoder.py (space separated)
     peak_dtype="bfloat16",  # MFU denominator: matmul peak in this dtype (the scripts' autocast dtype)
     device="auto",  # auto = cuda if available else cpu
     threads=0,  # torch CPU threads (0 = default)
 )
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 8) -> float:
@@ -58,14 +57,22 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 8) -
     return 2 * n ** 3 / best
 
 
-def run_script(script, cfg, out: str, steps: int, count_flops: bool = False) -> float:
-    """One run of the real script for `steps` steps; returns the FLOPs it executed when counted."""
-    args = [f"--init_from={cfg.init_from}", f"--data_dir={cfg.data_dir}", f"--out_dir={out}",
+# the timed run: the script's main() in a fresh process, which then reports its own peak memory
+PEAK_MEMORY_RUN = """import resource, sys, torch, {module}
+{module}.main(sys.argv[1:])
+cuda = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+print("peak_memory_mb", cuda or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB"""
+
+
+def script_args(kind: str, cfg, out: str, steps: int) -> list[str]:
+    return [f"--init_from={cfg.init_from}", f"--data_dir={cfg.data_dir}", f"--out_dir={out}",
             f"--reward_backbone={cfg.reward_backbone}", f"--max_steps={steps}", f"--save_interval={steps}",
-            f"--eval_interval={10 ** 9}", f"--device={cfg.device}", f"--threads={cfg.threads}"] + cfg.script_args.split()
-    if not count_flops:
-        script.main(args)
-        return 0.0
+            f"--eval_interval={10 ** 9}", f"--device={cfg.device}", f"--threads={cfg.threads}"] + \
+        getattr(cfg, f"{kind}_args").split()
+
+
+def count_flops(script, args: list[str]) -> float:
+    """FLOPs one in-process run of the real script executes."""
     with FlopCounterMode(display=False) as counter:
         script.main(args)
     return float(counter.get_total_flops())
@@ -77,12 +84,15 @@ def bench(kind: str, cfg, peak: float) -> dict:
     script = {"encoder": grpo_encoder, "decoder": grpo_decoder}[kind]
     out = tempfile.mkdtemp(prefix=f"bench_{kind}_")
     # FLOPs of one step = a 2-step run minus a 1-step run (setup, source caching and saving cancel out)
-    step_flops = run_script(script, cfg, f"{out}/f2", 2, True) - run_script(script, cfg, f"{out}/f1", 1, True)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = peak_rss_mb()
-    run_script(script, cfg, f"{out}/ckpt", cfg.steps)
-    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else peak_rss_mb() - rss_before
+    step_flops = count_flops(script, script_args(kind, cfg, f"{out}/f2", 2)) - \
+        count_flops(script, script_args(kind, cfg, f"{out}/f1", 1))
+    here = os.path.dirname(os.path.abspath(__file__))  # the child imports the script from here, paths stay relative to cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))}
+    timed = subprocess.run([sys.executable, "-c", PEAK_MEMORY_RUN.format(module=script.__name__),
+                            *script_args(kind, cfg, f"{out}/ckpt", cfg.steps)], capture_output=True, text=True, env=env)
+    if timed.returncode:
+        raise RuntimeError(f"bench: {script.__name__}.py failed:\n{timed.stderr[-3000:]}")
+    memory = float(timed.stdout.strip().splitlines()[-1].split()[1])
     rows = [json.loads(line) for line in open(f"{out}/ckpt/log.jsonl")][1:]  # drop the warm-up step
     run = json.load(open(f"{out}/ckpt/config.json"))
     shutil.rmtree(out, ignore_errors=True)

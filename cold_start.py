@@ -7,7 +7,8 @@ the reward backbone. Loss (DESIGN §4.3):
     L = mean(1 - cos(f(x_hat), f(x)))  +  ce_weight * CE(caption tokens)
 
 f(x) is fixed (no grad); the gradient flows through the sampler into the DiT, the projector and the
-LLM's LoRA. The captions are the encoder's own samples, so the cross-entropy keeps captioning as it
+LLM's LoRA. The sampler is unguided: its condition is the caption tokens' own states, not the padded
+generate turn that the empty prompt's negative condition has, so there is no matching negative. The captions are the encoder's own samples, so the cross-entropy keeps captioning as it
 was (no new text is taught here: what to say is left to RL). Learning rates are small and the run is
 short: this stage initialises, it does not solve.
 
@@ -39,15 +40,15 @@ config = dict(
     max_steps=60,  # optimizer steps
     batch_size=16,  # global batch (split over ranks)
     sample_steps=4,  # steps of the differentiable sampler (released code: 10)
-    cfg_scale=1.0,  # guidance inside the differentiable sampler
     temperature=0.7,  # sampling temperature of the captions read back
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     ce_weight=1.0,  # weight of the caption cross-entropy that keeps captioning intact
     grad_clip=1.0,  # max gradient norm
     log_interval=10,  # steps between log lines
     save_interval=60,  # steps between checkpoints
+    max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
     device="auto",  # auto = cuda if available else cpu
-    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
 )
@@ -58,6 +59,7 @@ def main(argv=None):
     rt, state = M.start_run(cfg)
     if state == "complete":
         return
+    local_batch = rt.per_rank(cfg.batch_size, "batch_size")
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     lora = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
@@ -81,10 +83,9 @@ def main(argv=None):
     reward_fn = ReconstructionReward(backbone)
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
     images = load_images(train)
-    local_batch = cfg.batch_size // rt.world_size
     caption_offset = model.generate_prefix_tokens()  # caption states get the positions a generate turn gives them
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
-    t0 = time.time()
+    t0, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
@@ -98,15 +99,14 @@ def main(argv=None):
         with rt.autocast(training=True):
             logp, hidden = model.caption_logprobs(captions.prompt, captions.ids, 1.0, return_hidden=True)
             cond = model.project(hidden, offset=caption_offset)
-            negative = model.negative_condition(local_batch) if cfg.cfg_scale != 1.0 else None
-            x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps, cfg.cfg_scale, negative))
+            x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps))
         source = reward_fn.source_features(x.float().div(255).to(rt.device), idx.tolist())
         similarity = cosine(backbone(x_hat), source)
         mask = captions.mask.bool()
         ce = -torch.where(mask, logp, 0.0).sum() / mask.sum()
         loss = (1 - similarity).mean() + cfg.ce_weight * ce
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"non-finite cold-start loss at step {step + 1}")
+        if not guard.passed(M.all_finite(loss), step + 1):
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         M.all_reduce_grads(params)
@@ -119,7 +119,7 @@ def main(argv=None):
                      f"similarity {M.all_reduce_mean(similarity.detach().mean()).item():.4f} "
                      f"ce {M.all_reduce_mean(ce.detach()).item():.4f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg), step == cfg.max_steps,
+            M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg),
                               {"decoder": [m.state_dict() for m in decoder]})
     bar.close()
     M.end_run(rt, step, t0)

@@ -6,11 +6,11 @@ calls `configure(defaults, argv)`. Arguments are applied left to right:
     python pretrain_decoder.py config/paper_pretrain_decoder.py --batch_size=8 --lr=3e-5
 
 - a positional argument is a config file: Python whose top-level names override the defaults;
-- `--key=value` overrides one key; the value is parsed as a Python literal (strings may be bare).
+- `--key=value` overrides one key; the value is parsed as a Python literal, except for a string key,
+  whose value is taken as written (--out_dir=1 is the folder "1").
 
 The type of each default is binding: an unknown key or a value of the wrong type is an error that
-names the key (and the file) and lists the valid keys. An int is accepted where a float is expected,
-and a key whose default is None accepts any literal.
+names the key (and the file) and lists the valid keys. An int is accepted where a float is expected.
 """
 import ast
 from types import SimpleNamespace
@@ -24,8 +24,6 @@ def _check(key: str, value, defaults: dict, where: str):
     if key not in defaults:
         raise ConfigError(f"{where}: unknown config key '{key}'. Valid keys: {', '.join(sorted(defaults))}")
     default = defaults[key]
-    if default is None or value is None:
-        return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # int -> float is the one widening we allow (lr=1 means 1.0)
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
@@ -38,12 +36,14 @@ def _check(key: str, value, defaults: dict, where: str):
 
 
 def _parse_value(text: str, default):
+    if isinstance(default, str):
+        return text
     if isinstance(default, bool) and text.lower() in ("true", "false"):
         return text.lower() == "true"
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text  # a bare string such as --out_dir=out/run1
+        return text  # not a literal: _check reports it as a string where another type is expected
 
 
 def _read_file(path: str) -> dict:

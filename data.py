@@ -16,7 +16,15 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path: str, require_caption: bool = True) -> list[dict]:
+def write_json(path: str, obj) -> None:
+    """Write JSON under a temporary name and rename it into place: a reader (or the speedrun's check for
+    a finished stage) sees the whole file or none."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_jsonl(path: str) -> list[dict]:
     """Records of a JSONL file, each with its absolute image path in `image_path`."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such dataset file")
@@ -32,7 +40,7 @@ def read_jsonl(path: str, require_caption: bool = True) -> list[dict]:
                 raise DataError(f"{where}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("image"), str):
                 raise DataError(f"{where}: each line needs an \"image\" string")
-            if require_caption and not (isinstance(record.get("caption"), str) and record["caption"].strip()):
+            if not (isinstance(record.get("caption"), str) and record["caption"].strip()):
                 raise DataError(f"{where}: missing or empty \"caption\"")
             record["image_path"] = os.path.join(root, record["image"])
             record["where"] = where
@@ -73,10 +81,12 @@ def save_grid(rows: list[tuple], path: str, text_width: int = 320):
         x = 0
         for c, w in zip(row, widths):
             if isinstance(c, str):  # wrap the caption into the text column
-                words, lines = c.split(), [""]
-                for word in words:
-                    lines[-1] = (lines[-1] + " " + word).strip() if draw.textlength(lines[-1] + " " + word) < w - 8 else lines[-1]
-                    if not lines[-1].endswith(word):
+                lines = [""]
+                for word in c.split():
+                    joined = (lines[-1] + " " + word).strip()
+                    if draw.textlength(joined) < w - 8 or not lines[-1]:
+                        lines[-1] = joined
+                    else:
                         lines.append(word)
                 draw.multiline_text((x + 4, r * size + 2), "\n".join(lines), fill="black", spacing=1)
             else:

@@ -27,7 +27,7 @@ from PIL import Image
 import model as M
 import shapes
 from configurator import configure
-from data import DataError, load_images, read_jsonl, save_grid
+from data import DataError, load_images, read_jsonl, save_grid, write_json
 from reward import cosine, load_backbone
 
 config = dict(
@@ -80,23 +80,20 @@ def load_folder_pairs(generated: str, references: str) -> tuple:
 
 @torch.no_grad()
 def reconstruct(model, rt, sources, cfg, generator) -> tuple[list[str], torch.Tensor]:
-    texts, images = [], []
+    """Protocol 1: each source's caption (I2T), then the image redrawn from it (T2I)."""
+    texts = []
     for i in range(0, len(sources), cfg.batch_size):
         with rt.autocast():
-            batch = model.caption(sources[i:i + cfg.batch_size], temperature=cfg.temperature,
-                                  max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy).texts
-            images.append(model.generate(batch, cfg.sample_steps, cfg.cfg_scale, generator=generator))
-        texts += batch
-    return texts, (torch.cat(images) * 255).round().to(torch.uint8).cpu()
+            texts += model.caption(sources[i:i + cfg.batch_size], temperature=cfg.temperature,
+                                   max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy).texts
+    return texts, generate_from(model, rt, texts, cfg, generator)
 
 
 @torch.no_grad()
 def generate_from(model, rt, texts, cfg, generator) -> torch.Tensor:
-    images = []
-    for i in range(0, len(texts), cfg.batch_size):
-        with rt.autocast():
-            images.append(model.generate(texts[i:i + cfg.batch_size], cfg.sample_steps, cfg.cfg_scale, generator=generator))
-    return (torch.cat(images) * 255).round().to(torch.uint8).cpu()
+    with rt.autocast():
+        images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=cfg.batch_size)
+    return (images * 255).round().to(torch.uint8).cpu()
 
 
 def evaluate(cfg) -> dict:
@@ -118,7 +115,12 @@ def evaluate(cfg) -> dict:
         if not cfg.ckpt:
             raise ValueError("give --ckpt=<UAE checkpoint> or --generated=<folder> --references=<folder>")
         records = read_jsonl(cfg.data)
-        sources, names = load_images(records), [os.path.basename(r["image"]) for r in records]
+        names = [os.path.basename(r["image"]) for r in records]
+        first = {}
+        for r, name in zip(records, names):  # reconstructions are stored and matched by file name
+            if first.setdefault(name, r["where"]) != r["where"]:
+                raise DataError(f"{r['where']}: image file name {name} is also used at {first[name]}")
+        sources = load_images(records)
         model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
         generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
         texts, recons = reconstruct(model, rt, sources, cfg, generator)
@@ -129,8 +131,8 @@ def evaluate(cfg) -> dict:
             f.writelines(json.dumps({"image": n, "caption": t}) + "\n" for n, t in zip(names, texts))
         save_grid([(s, t, r) for s, t, r in list(zip(sources, texts, recons))[:16]], os.path.join(cfg.out_dir, "grid.png"))
         results = score(backbones, sources, recons, names)
-        if all("scene" in r for r in records):  # the shapes world: exact oracle tables
-            scenes = [shapes.scene_from_json(r["scene"]) for r in records]
+        scenes = shapes.scenes_of(records)
+        if scenes is not None:  # the shapes world: exact oracle tables
             results["understanding"] = shapes.caption_report(texts, scenes)
             results["unification"] = {"unified_score": results["unified_score"], "scene_f1": float(np.mean(
                 [shapes.scene_f1(shapes.detect_scene(s), shapes.detect_scene(r)) for s, r in zip(sources, recons)]))}
@@ -139,8 +141,7 @@ def evaluate(cfg) -> dict:
                 generated = generate_from(model, rt, [r["caption"] for r in records], cfg, generator)
                 results["generation"] = shapes.generation_report(generated, scenes)
     results["config"] = vars(cfg)
-    with open(os.path.join(cfg.out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
 
 

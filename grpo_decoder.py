@@ -87,7 +87,7 @@ config = dict(
     save_interval=20,  # steps between checkpoints
     max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
     device="auto",  # auto = cuda if available else cpu
-    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
 )
@@ -141,7 +141,7 @@ def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: b
             totals["max_ratio_error"] = (torch.exp(logp.detach() - old) - 1).abs().max().item()
         loss, stats = M.grpo_loss(logp[:, None], old[:, None], None, advantages, ones, cfg.clip_eps, None, cfg.beta,
                                   kl=kl[:, None], return_stats=True)
-        if not torch.isfinite(loss):
+        if not M.all_finite(loss):
             return {**totals, "finite": False}
         (loss / len(chosen)).backward()
         totals["loss"] += loss.item() / len(chosen)
@@ -158,12 +158,10 @@ def probe(model, rt, captions, scenes, cfg, step: int) -> dict:
     """GenEval-shapes of the current decoder on the val captions, printed as one `eval step` line."""
     model.eval()
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    images = []
-    for i in range(0, len(captions), 50):
-        with rt.autocast():
-            images.append(model.generate(captions[i:i + 50], cfg.eval_steps, cfg.cfg_scale, generator=generator))
+    with rt.autocast():
+        images = model.generate(captions, cfg.eval_steps, cfg.cfg_scale, generator=generator, batch_size=50)
     model.train()
-    report = shapes.generation_report(torch.cat(images), scenes)
+    report = shapes.generation_report(images, scenes)
     rt.print(f"eval step {step} " + shapes.format_report(report))
     return report
 
@@ -175,8 +173,7 @@ def main(argv=None):
         return
     if cfg.advantage_std not in ADVANTAGE_STD:
         raise ValueError(f"advantage_std must be one of {ADVANTAGE_STD}, got {cfg.advantage_std!r}")
-    if cfg.captions_per_step % rt.world_size:
-        raise ValueError(f"captions_per_step={cfg.captions_per_step} must divide over {rt.world_size} ranks")
+    local = rt.per_rank(cfg.captions_per_step, "captions_per_step")  # a caption's group stays on one rank
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("transformer", cfg.lora_r, cfg.lora_alpha, M.DIT_LORA_TARGETS)
@@ -194,9 +191,8 @@ def main(argv=None):
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     images = load_images(train)
     val_captions = [r["caption"] for r in val]
-    val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if "scene" in val[0] else None
-    local = cfg.captions_per_step // rt.world_size
-    t_start, bad, first = time.time(), 0, True
+    val_scenes = shapes.scenes_of(val)
+    t_start, guard, first = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), True
     if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
         probe(model, rt, val_captions, val_scenes, cfg, step)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
@@ -208,21 +204,18 @@ def main(argv=None):
         out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
         rewards = out["rewards"]
         stats = {"finite": False}
-        if torch.isfinite(rewards).all():
+        if M.all_finite(rewards):
             advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_std).clamp(-cfg.adv_clip, cfg.adv_clip)
             t1 = time.time()
             stats = policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy=first)
             out["seconds"]["policy"] = time.time() - t1
-        if not stats["finite"]:
-            bad += 1
-            rt.print(f"warning: step {step + 1} non-finite reward or loss, update skipped ({bad} in a row)")
-            if bad >= cfg.max_bad_steps:
-                raise RuntimeError(f"{cfg.max_bad_steps} non-finite steps in a row: stopping (last good checkpoint in {cfg.out_dir})")
+        if not guard.passed(stats["finite"], step + 1):
             continue
         if first:  # sampling and the update must see the same numbers: ratio exactly 1 before any update
-            rt.print(f"on-policy check: max |ratio - 1| = {stats['max_ratio_error']:.2e} (must be <= 1e-5)")
+            error = stats["max_ratio_error"]
+            rt.print(f"on-policy check: max |ratio - 1| = {error:.2e} "
+                     + ("(<= 1e-5: ok)" if error <= 1e-5 else "WARNING > 1e-5: sampling and update compute different log-probs"))
             first = False
-        bad = 0
         step += 1
         bar.update(1)
         row = {"step": step, **M.group_reward_stats(rewards, cfg.group_size),
@@ -236,8 +229,7 @@ def main(argv=None):
         if rt.master and val_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             history[-1]["probe"] = probe(model, rt, val_captions, val_scenes, cfg, step)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), step == cfg.max_steps,
-                              history=history)
+            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), history=history)
     bar.close()
     M.end_run(rt, step, t_start)
 

@@ -9,7 +9,8 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
 
     python grpo_encoder.py
     torchrun --standalone --nproc_per_node=2 grpo_encoder.py
-    torchrun --nproc_per_node=8 grpo_encoder.py config/paper_grpo_encoder.py
+    torchrun --nproc_per_node=8 grpo_encoder.py --init_from=out/paper_cold_start --data_dir=/data/longcap \
+        --reward_backbone=open_clip:ViT-L-14-quickgelu:/ckpt/ViT-L-14.pt   # paper scale (README)
 
 Measured here (defaults, 2 processes, 984 s, in the speedrun at 64eb1b8; val probe of 100 images): small-
 object recall 0.015 / 0.058 / 0.482 / 0.657 / 0.715 / 0.803 / 0.781 at steps 40 / 80 / 160 / 360 / 520 /
@@ -69,7 +70,7 @@ config = dict(
     save_interval=40,  # steps between checkpoints
     max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
     device="auto",  # auto = cuda if available else cpu
-    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
 )
@@ -131,7 +132,7 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
                                   return_stats=True)
         stats["drift"] = condition_drift(model, rt, out["anchor_texts"], out["reference_condition"])
         loss = loss + cfg.anchor_weight * stats["drift"]
-        if not torch.isfinite(loss):
+        if not M.all_finite(loss):
             return {"loss": loss.detach(), **stats, "finite": False}
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,8 +156,7 @@ def main(argv=None):
     rt, state = M.start_run(cfg)
     if state == "complete":
         return
-    if cfg.images_per_step % rt.world_size:
-        raise ValueError(f"images_per_step={cfg.images_per_step} must divide over {rt.world_size} ranks (groups stay on one rank)")
+    local_images = rt.per_rank(cfg.images_per_step, "images_per_step")  # an image's group stays on one rank
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
@@ -176,10 +176,9 @@ def main(argv=None):
     probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.probe_n]
     images = load_images(train)
     probe_images = load_images(probe_records)
-    probe_scenes = [shapes.scene_from_json(r["scene"]) for r in probe_records] if "scene" in probe_records[0] else None
-    local_images = cfg.images_per_step // rt.world_size
+    probe_scenes = shapes.scenes_of(probe_records)
     # ---- loop
-    t_start, bad = time.time(), 0
+    t_start, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_encoder")
@@ -188,20 +187,15 @@ def main(argv=None):
         idx = torch.randint(0, len(train), (local_images,))
         out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
         rewards = out["rewards"]
-        if not torch.isfinite(rewards).all():
-            stats = {"finite": False, "loss": torch.tensor(float("nan"))}
+        if not M.all_finite(rewards):
+            stats = {"finite": False}
         else:
             advantages = group_advantages(rewards, cfg.group_size)
             t1 = time.time()
             stats = policy_step(model, rt, opt, params, out, advantages, cfg)
             out["seconds"]["policy"] = time.time() - t1
-        if not stats["finite"]:
-            bad += 1
-            rt.print(f"warning: step {step + 1} non-finite reward or loss, update skipped ({bad} in a row)")
-            if bad >= cfg.max_bad_steps:
-                raise RuntimeError(f"{cfg.max_bad_steps} non-finite steps in a row: stopping (last good checkpoint in {cfg.out_dir})")
+        if not guard.passed(stats["finite"], step + 1):
             continue
-        bad = 0
         step += 1
         bar.update(1)
         row = {"step": step, **M.group_reward_stats(rewards, cfg.group_size),
@@ -221,7 +215,7 @@ def main(argv=None):
             rt.print(f"eval step {step} " + shapes.format_report(report)
                      + f" | {report['example']}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), step == cfg.max_steps, history=history)
+            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), history=history)
     bar.close()
     M.end_run(rt, step, t_start)
 

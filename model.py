@@ -56,9 +56,16 @@ class Runtime:
         if self.master:
             print(*args, **kwargs, flush=True)
 
+    def per_rank(self, total: int, key: str) -> int:
+        """A global batch size of the config (DESIGN §8), split over the ranks: it must divide evenly."""
+        if total % self.world_size:
+            raise ValueError(f"{key}={total} must divide over {self.world_size} ranks")
+        return total // self.world_size
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> Runtime:
-    """Detect torchrun (RANK / LOCAL_RANK / WORLD_SIZE), pick the device, seed with base + rank."""
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, training: bool = False) -> Runtime:
+    """Detect torchrun (RANK / LOCAL_RANK / WORLD_SIZE), pick the device, seed with base + rank. Training
+    never runs in float16: its gradients underflow without loss scaling, which these scripts do not do."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
@@ -69,7 +76,11 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0) -> R
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dtype == "auto":  # bf16 where the hardware has it: ~2.7x the fp32 matmul rate even on these CPUs (DESIGN §9)
-        dtype = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+        dtype = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else \
+            "float32" if training else "float16"
+    if training and dtype == "float16":
+        raise ValueError("dtype=float16 needs loss scaling, which the training scripts do not do: "
+                         "use bfloat16 or float32")
     seed_everything(seed + rank)
     return Runtime(rank, local_rank, world, device, getattr(torch, dtype))
 
@@ -79,7 +90,14 @@ def start_run(cfg) -> tuple[Runtime, dict | None]:
     (None for a fresh run). A run whose saved step reached cfg.max_steps is complete: (rt, "complete")."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
+    rt.print("config " + json.dumps(vars(cfg)))  # the final one, after files and flags (also in every checkpoint)
+    old = cfg.out_dir.rstrip("/") + ".old"
+    if rt.master and not os.path.exists(cfg.out_dir) and os.path.exists(os.path.join(old, "training_state.pt")):
+        os.replace(old, cfg.out_dir)  # killed between atomic_dir's two renames: the previous checkpoint is whole
+        rt.print(f"recovered {cfg.out_dir} from {old} (a save was interrupted)")
+    if dist.is_initialized():
+        dist.barrier()  # every rank reads the recovered directory
     state = load_training_state(cfg.out_dir) if cfg.resume else None
     if state is not None and state["step"] >= cfg.max_steps:
         rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
@@ -200,7 +218,38 @@ def all_reduce_grads(params):
                 p.grad /= dist.get_world_size()
 
 
-def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict, finished: bool = False,
+def all_finite(*values: torch.Tensor) -> bool:
+    """True when every value is finite on every rank (an all-reduce MIN of the local verdict): the
+    ranks skip the same steps, so their collectives stay paired. A rank that skipped alone would
+    leave the others waiting in all_reduce_grads."""
+    local = all(bool(torch.isfinite(v).all()) for v in values)
+    if not dist.is_initialized():
+        return local
+    flag = torch.tensor(float(local), device=values[0].device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1.0
+
+
+class NonFiniteGuard:
+    """DESIGN §8: a NaN/Inf reward or loss skips the update with a warning, and max_bad such steps in a
+    row stop the run (the last good checkpoint stays in out_dir). Feed it all_finite's verdict, which
+    every rank shares, so every rank raises together."""
+
+    def __init__(self, rt: Runtime, max_bad: int, out_dir: str):
+        self.rt, self.max_bad, self.out_dir, self.bad = rt, max_bad, out_dir, 0
+
+    def passed(self, finite: bool, step: int) -> bool:
+        if finite:
+            self.bad = 0
+            return True
+        self.bad += 1
+        self.rt.print(f"warning: step {step} non-finite reward or loss, update skipped ({self.bad} in a row)")
+        if self.bad >= self.max_bad:
+            raise RuntimeError(f"{self.max_bad} non-finite steps in a row: stopping (last good checkpoint in {self.out_dir})")
+        return False
+
+
+def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict,
                     extra: dict | None = None, history: list[dict] | None = None):
     """Atomically write weights (model.save), optimizer, step, config and every rank's RNG state into
     out_dir. Every rank calls it (gathering the RNG states is a collective); rank 0 alone writes. An RL
@@ -212,7 +261,7 @@ def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: 
     with atomic_dir(out_dir) as tmp:
         model.save(tmp, trained)
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng,
-                    "finished": finished, "history": history, **(extra or {})}, os.path.join(tmp, "training_state.pt"))
+                    "history": history, **(extra or {})}, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         if history is not None:
@@ -235,15 +284,12 @@ class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * B A x, with B = 0 at init so the adapted model starts as the base
     (Hu et al. 2021). `enabled = False` gives back the base layer: the GRPO reference model."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, init: str = "gaussian"):
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.base, self.r, self.scale, self.enabled = base, r, alpha / r, True
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=torch.float32))
-        if init == "gaussian":  # peft's "gaussian": A ~ N(0, 1/r)
-            nn.init.normal_(self.lora_A, std=1 / r)
-        else:  # peft's default: kaiming-uniform A
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.normal_(self.lora_A, std=1 / r)  # peft's "gaussian" init: A ~ N(0, (1/r)^2)
 
     def forward(self, x):
         y = self.base(x)
@@ -265,14 +311,14 @@ class LoRALinear(nn.Module):
         return out
 
 
-def inject_lora(module: nn.Module, target_names: list[str], r: int, alpha: float, init: str = "gaussian") -> list[str]:
+def inject_lora(module: nn.Module, target_names: list[str], r: int, alpha: float) -> list[str]:
     """Wrap every nn.Linear whose dotted name ends with one of `target_names` (q_proj, to_out.0); returns
     the dotted names wrapped. Base weights are frozen; only A and B train."""
     wrapped = []
     for name, child in list(module.named_modules()):
         if isinstance(child, nn.Linear) and any(name == t or name.endswith("." + t) for t in target_names):
             child.requires_grad_(False)
-            _set_child(module, name, LoRALinear(child, r, alpha, init))
+            _set_child(module, name, LoRALinear(child, r, alpha))
             wrapped.append(name)
     if not wrapped:
         raise ValueError(f"inject_lora: no nn.Linear named any of {target_names} in {type(module).__name__}")
@@ -301,12 +347,6 @@ def _set_child(module: nn.Module, dotted: str, child: nn.Module):
     setattr(module.get_submodule(parent) if parent else module, name, child)
 
 
-def merge_lora(module: nn.Module):
-    """Fold every adapter into its base weight and remove the wrappers."""
-    for name, m in lora_layers(module).items():
-        _set_child(module, name, m.merged())
-
-
 @contextlib.contextmanager
 def lora_merged(module: nn.Module):
     """Temporarily swap adapters for merged plain Linears, so save_pretrained writes the standard layout."""
@@ -325,10 +365,12 @@ def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
             for name, m in lora_layers(module).items() for ab in "AB"}
 
 
-def save_lora(module: nn.Module, directory: str, r: int, alpha: float, target_names: list[str], base_path: str = ""):
+def save_lora(module: nn.Module, directory: str, r: int, alpha: float, base_path: str = ""):
     """Two layouts: ours (`lora.safetensors`, our module names) and peft's (`adapter_config.json` +
     `adapter_model.safetensors` with `base_model.model.<name>.lora_A.weight` keys), so the wider
-    ecosystem can load the adapter onto the base model."""
+    ecosystem can load the adapter onto the base model at base_path (the weights it was trained on).
+    target_modules lists the adapted modules' full names: peft matches an entry against every module
+    name's suffix, and a bare "gate_proj" would also adapt Qwen2.5-VL's vision MLPs."""
     ours = lora_state_dict(module)
     os.makedirs(directory, exist_ok=True)
     save_file(ours, os.path.join(directory, "lora.safetensors"))
@@ -336,7 +378,7 @@ def save_lora(module: nn.Module, directory: str, r: int, alpha: float, target_na
     save_file(peft, os.path.join(directory, "adapter_model.safetensors"))
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
-                   "target_modules": sorted(target_names), "bias": "none", "fan_in_fan_out": False,
+                   "target_modules": sorted(lora_layers(module)), "bias": "none", "fan_in_fan_out": False,
                    "base_model_name_or_path": base_path, "init_lora_weights": "gaussian"}, f, indent=1)
 
 
@@ -363,7 +405,6 @@ class Captions:
     prompt: dict  # processor outputs for the N = B*G rows (images repeated G times)
     ids: torch.Tensor  # (N, L) completion token ids, pad after the first eos
     mask: torch.Tensor  # (N, L) 1 up to and including the first eos
-    logp: torch.Tensor  # (N, L) fp32 log-probs of the sampled tokens under logits / temperature
     texts: list[str]
 
 
@@ -442,7 +483,7 @@ class UAE(nn.Module):
         self.max_text_tokens, self.caption_prompt = max_text_tokens, caption_prompt
         self.prediction = "velocity"  # what the DiT outputs: "velocity" (SD3) or "sample" (x0; see velocity())
         self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
-        self.lora = {}  # part -> {"r", "alpha", "targets"} for adapters injected into llm / transformer
+        self.lora = {}  # part -> {"r", "alpha"} of the adapters injected into llm / transformer
         # A caption may not contain image/vision/chat-control tokens (an image pad in a completion would
         # break the teacher-forced forward); eos stays allowed. Applied to sampling and scoring alike.
         self.banned_token_ids = sorted(set(self.tokenizer.all_special_ids) - {self.tokenizer.eos_token_id})
@@ -558,9 +599,9 @@ class UAE(nn.Module):
         save_file({k: v.detach().float().cpu().contiguous() for k, v in (self.projector.state_dict() | positions).items()} |
                   {k: getattr(self, k).cpu() for k in ("pooled", "latent_shift", "latent_scale", "text_shift", "text_scale")},
                   os.path.join(directory, "projector.safetensors"))
-        for part, spec in self.lora.items():
-            save_lora(getattr(self, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"],
-                      spec["targets"], parts[part])
+        for part, spec in self.lora.items():  # the adapter's base is the unmerged part it was trained on
+            base = os.path.abspath(self.sources[part]) if part in self.sources else ""
+            save_lora(getattr(self, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"], base)
         with open(os.path.join(directory, "model.json"), "w") as f:
             json.dump({"parts": parts, "projector_hidden": self.projector[0].out_features,
                        "max_text_tokens": self.max_text_tokens, "caption_prompt": self.caption_prompt,
@@ -606,11 +647,11 @@ class UAE(nn.Module):
             model.latent_scale.copy_(scale)
         return model
 
-    def add_lora(self, part: str, r: int, alpha: float, targets: list[str], init: str = "gaussian") -> list[nn.Parameter]:
+    def add_lora(self, part: str, r: int, alpha: float, targets: list[str]) -> list[nn.Parameter]:
         """Inject adapters into the LLM's text model or the DiT; returns the trainable parameters."""
         module = self.llm.model.language_model if part == "llm" else self.transformer
-        inject_lora(module, targets, r, alpha, init)
-        self.lora[part] = {"r": r, "alpha": alpha, "targets": list(targets)}
+        inject_lora(module, targets, r, alpha)
+        self.lora[part] = {"r": r, "alpha": alpha}
         return [p for m in lora_layers(module).values() for p in (m.lora_A, m.lora_B)]
 
     # ------------------------------------------------------------------ understanding: image -> caption
@@ -643,23 +684,27 @@ class UAE(nn.Module):
         return max_new_tokens or window
 
     @torch.no_grad()
+    def sampling_options(self, temperature: float = 0.7, max_new_tokens: int = 0, greedy: bool = False) -> dict:
+        """llm.generate's settings for captions, every sampling knob explicit. generate's own arguments
+        outrank the checkpoint's generation_config (Qwen2.5-VL-Instruct's sets top_k 1, top_p 0.001 and
+        repetition_penalty 1.05), so tokens come from plain softmax(logits / T) over the allowed
+        vocabulary: the distribution that caption_logprobs scores and GRPO's ratio assumes."""
+        return dict(do_sample=not greedy, temperature=None if greedy else temperature, top_k=None, top_p=None,
+                    repetition_penalty=1.0, max_new_tokens=self.caption_cap(max_new_tokens),
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                    suppress_tokens=self.banned_token_ids)
+
     def caption(self, images, num_samples: int = 1, temperature: float = 0.7, max_new_tokens: int = 0,
                 greedy: bool = False) -> Captions:
         """G = num_samples captions per image from one batched generate, at most caption_cap(max_new_tokens)
-        tokens each. Sampling is plain softmax(logits / T) (no top-k / top-p), so the returned log-probs
-        are exactly those of the sampling distribution."""
-        max_new_tokens = self.caption_cap(max_new_tokens)
+        tokens each (sampling_options)."""
         prompt = self.caption_inputs(images, num_samples)
-        out = self.llm.generate(**prompt, do_sample=not greedy, temperature=temperature if not greedy else None,
-                                top_k=None, top_p=None, max_new_tokens=max_new_tokens, return_dict_in_generate=True,
-                                output_logits=True, pad_token_id=self.tokenizer.pad_token_id,
-                                eos_token_id=self.tokenizer.eos_token_id, suppress_tokens=self.banned_token_ids)
+        out = self.llm.generate(**prompt, **self.sampling_options(temperature, max_new_tokens, greedy),
+                                return_dict_in_generate=True)
         ids = out.sequences[:, prompt["input_ids"].shape[1]:]
-        logp = self.token_logprobs(torch.stack(out.logits, 1), ids, temperature)
         mask = self.completion_mask(ids)
-        logp = torch.where(mask.bool(), logp, 0.0)  # pads after eos are banned tokens: -inf, not chosen
         texts = self.tokenizer.batch_decode(ids * mask + self.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
-        return Captions(prompt, ids, mask, logp, [t.strip() for t in texts])
+        return Captions(prompt, ids, mask, [t.strip() for t in texts])
 
     def caption_logprobs(self, prompt: dict, ids: torch.Tensor, temperature: float = 0.7, return_hidden: bool = False):
         """Teacher-forced (N, L) fp32 log-probs of completion `ids` after `prompt` (gradients on); with
@@ -685,7 +730,7 @@ class UAE(nn.Module):
         """Last-layer LLM hidden states of every token of a `generate`-role chat turn holding the caption,
         padded to max_text_tokens (fixed, like SD3's T5 sequence, so a caption's conditioning never
         depends on what else is in the batch). Longer turns are cut at max_text_tokens, as SD3 cuts
-        T5's: the decoder cannot read further (shapes: 48 tokens, the longest 4-object caption takes 39)."""
+        T5's: the decoder cannot read further (shapes: 40 tokens, the longest 4-object turn takes 39)."""
         chats = [self.tokenizer.apply_chat_template([{"role": "generate", "content": t}], tokenize=False) for t in texts]
         enc = self.tokenizer(chats, padding="max_length", max_length=self.max_text_tokens, truncation=True,
                              return_tensors="pt", padding_side="right").to(self.device)
@@ -808,8 +853,11 @@ class UAE(nn.Module):
 
     @torch.no_grad()
     def generate(self, texts: list[str], steps: int = 20, cfg_scale: float = 1.0, negative_prompt: str = "",
-                 generator=None) -> torch.Tensor:
-        """Text -> images in [0, 1]: condition, Euler ODE, VAE decode."""
+                 generator=None, batch_size: int = 0) -> torch.Tensor:
+        """Text -> images in [0, 1]: condition, Euler ODE, VAE decode; batch_size texts per pass (0 = all)."""
+        if 0 < batch_size < len(texts):
+            return torch.cat([self.generate(texts[i:i + batch_size], steps, cfg_scale, negative_prompt, generator)
+                              for i in range(0, len(texts), batch_size)])
         cond = self.condition(texts)
         negative = self.negative_condition(len(texts), negative_prompt) if cfg_scale != 1.0 else None
         return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))

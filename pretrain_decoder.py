@@ -93,8 +93,9 @@ config = dict(
     cfg_scale=1.25,  # guidance when probing (README "guidance": 3.0 oversaturates this small DiT)
     log_interval=50,  # steps between log lines
     save_interval=1000,  # steps between checkpoints
+    max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
     device="auto",  # auto = cuda if available else cpu
-    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
     compile=True,  # torch.compile the training loss (measured here, math kernel: 146 -> 88 ms per step of 64; 35-55 s to compile)
@@ -157,26 +158,26 @@ def flow_matching_loss(model, x0, hidden, sigma, noise, loss_space: str) -> torc
 
 @torch.no_grad()
 def probe(model, rt, captions, scenes, cfg, generator) -> dict:
-    images = []
-    for i in range(0, len(captions), 50):
-        with rt.autocast():
-            images.append(model.generate(captions[i:i + 50], cfg.sample_steps, cfg.cfg_scale, generator=generator))
-    return shapes.generation_report(torch.cat(images), scenes)
+    with rt.autocast():
+        images = model.generate(captions, cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=50)
+    return shapes.generation_report(images, scenes)
 
 
 @torch.no_grad()
-def text_reliance(model, rt, latents, hidden, generator, sigma=0.9) -> float:
+def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=50) -> float:
     """x0 error when denoising from sigma with each image's own caption, divided by the error with
     another image's caption: 1.0 = the decoder ignores the text; lower = it reads it. At high noise
     the caption is the only source of the layout, so this shows text use long before samples do."""
     noise = torch.randn(latents.shape, generator=generator, device=rt.device)
     x_t = (1 - sigma) * latents + sigma * noise
-    errors = []
-    for h in (hidden, hidden.roll(1, 0)):
-        with rt.autocast():
-            v = model.velocity(x_t, torch.tensor(sigma, device=rt.device), model.project(h))
-        errors.append(((x_t - sigma * v.float() - latents) ** 2).mean())
-    return (errors[0] / errors[1]).item()
+    errors = [0.0, 0.0]
+    for i in range(0, len(latents), batch_size):  # batched: at 1024 px all val latents do not fit one forward
+        for k, h in enumerate((hidden, hidden.roll(1, 0))):
+            with rt.autocast():
+                v = model.velocity(x_t[i:i + batch_size], torch.tensor(sigma, device=rt.device),
+                                   model.project(h[i:i + batch_size]))
+            errors[k] += ((x_t[i:i + batch_size] - sigma * v.float() - latents[i:i + batch_size]) ** 2).sum().item()
+    return errors[0] / errors[1]
 
 
 def main(argv=None):
@@ -184,6 +185,7 @@ def main(argv=None):
     rt, state = M.start_run(cfg)
     if state == "complete":
         return
+    local_batch = rt.per_rank(cfg.batch_size, "batch_size")
     if cfg.init_from == "pretrained":  # paper scale: the first UAE, straight from the two released checkpoints
         model = M.UAE.from_pretrained(cfg.qwen_dir, cfg.sd3_dir, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
     else:
@@ -222,7 +224,7 @@ def main(argv=None):
     captions = [r["caption"] for r in train]
     val_captions = [r["caption"] for r in val]
     # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5 "scene")
-    val_scenes = [shapes.scene_from_json(r["scene"]) for r in val] if all("scene" in r for r in val) else None
+    val_scenes = shapes.scenes_of(val)
     size = cfg.image_size or None  # None: as stored
     t0 = time.time()
     if cfg.cache_features:  # the LLM and VAE are frozen: their outputs are fixed, compute them once
@@ -233,7 +235,6 @@ def main(argv=None):
     empty = text_features(model, rt, [""])
     val_latents = latents_of(model, rt, load_images(val, size)).to(rt.device)
     val_hidden = text_features(model, rt, val_captions).to(rt.device)
-    local_batch = cfg.batch_size // rt.world_size
     # one fixed batch shape, so one compilation; sampling and probes run the plain modules
     loss_fn = torch.compile(flow_matching_loss) if cfg.compile else flow_matching_loss
     eval_gen = torch.Generator(device=rt.device)
@@ -241,7 +242,7 @@ def main(argv=None):
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_decoder")
-    t_log = time.time()
+    t_log, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     while step < cfg.max_steps:
         lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
@@ -260,6 +261,8 @@ def main(argv=None):
         sigma = shift * sigma / (1 + (shift - 1) * sigma)
         with rt.autocast(training=True):
             loss = loss_fn(model, x0, h, sigma, torch.randn_like(x0), cfg.loss_space)
+        if not guard.passed(M.all_finite(loss), step + 1):
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         M.all_reduce_grads(params)
@@ -292,7 +295,7 @@ def main(argv=None):
             if saving:  # every rank: the RNG states are gathered
                 trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
                                 (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
-                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg), last,
+                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg),
                                   {"raw": raw, "ema": [e.state_dict() for e in ema]})
             for m, r in zip(trained, raw):
                 m.load_state_dict(r)

@@ -48,9 +48,10 @@ config = dict(
     eval_n=200,  # val images per probe
     log_interval=50,  # steps between log lines
     save_interval=500,  # steps between checkpoints
+    max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
     max_new_tokens=48,  # caption length cap when probing
     device="auto",  # auto = cuda if available else cpu
-    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
+    dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
 )
@@ -94,6 +95,7 @@ def main(argv=None):
     rt, state = M.start_run(cfg)
     if state == "complete":
         return
+    local_batch = rt.per_rank(cfg.batch_size, "batch_size")
     # ---- model
     if state is not None:
         model = M.UAE.load(cfg.out_dir)
@@ -126,10 +128,9 @@ def main(argv=None):
         if not r.get(cfg.caption_field, "").strip():
             raise ValueError(f"{r['where']}: missing or empty \"{cfg.caption_field}\"")
     train_images = load_images(train)
-    val_images, val_scenes = load_images(val), [shapes.scene_from_json(r["scene"]) for r in val]
-    local_batch = cfg.batch_size // rt.world_size
+    val_images, val_scenes = load_images(val), shapes.scenes_of(val)
     # ---- loop
-    t0, flops_t0 = time.time(), time.time()
+    t0, t_log, guard = time.time(), time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_encoder")
@@ -144,6 +145,8 @@ def main(argv=None):
             logp = model.caption_logprobs(prompt, ids, temperature=1.0)
         mask = ids != model.tokenizer.pad_token_id
         loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
+        if not guard.passed(M.all_finite(loss), step + 1):
+            continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
         M.all_reduce_grads(params)
@@ -153,17 +156,16 @@ def main(argv=None):
         bar.update(1)
         if step % cfg.log_interval == 0:
             loss_avg = M.all_reduce_mean(loss.detach()).item()
-            dt = (time.time() - flops_t0) / cfg.log_interval
-            flops_t0 = time.time()
+            dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
             rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms "
                      f"elapsed {time.time() - t0:.0f}s")
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-            if rt.master:
+            if rt.master and val_scenes is not None:
                 report = probe(model, rt, val_images, val_scenes, cfg.max_new_tokens)
                 rt.print(f"eval step {step} " + shapes.format_report(report)
                          + f" | {report['example']}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg), finished=step == cfg.max_steps)
+            M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg))
     bar.close()
     M.end_run(rt, step, t0)
 

@@ -169,10 +169,7 @@ class ReconstructionReward:
             self.cache.update(zip(todo, self.backbone(x[list(todo.values())])))
         return torch.stack([self.cache[k] for k in keys])
 
-    def reconstruction_reward(self, x: torch.Tensor, x_hat: torch.Tensor,
-                              keys: Sequence[Hashable] | None = None) -> torch.Tensor:
-        if keys is None:
-            return reconstruction_reward(x, x_hat, self.backbone)
+    def reconstruction_reward(self, x: torch.Tensor, x_hat: torch.Tensor, keys: Sequence[Hashable]) -> torch.Tensor:
         return cosine(self.source_features(x, keys), self.backbone(x_hat))
 
 

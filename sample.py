@@ -45,7 +45,6 @@ def main(argv=None):
     model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
     os.makedirs(cfg.out_dir, exist_ok=True)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    rows = []
     if cfg.mode == "t2i":
         texts = [cfg.prompt] * cfg.n if cfg.prompt else [r["caption"] for r in read_jsonl(cfg.data)[:cfg.n]]
         with rt.autocast():

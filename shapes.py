@@ -62,8 +62,14 @@ def scene_from_json(items: list[dict]) -> tuple:
 
 # ----------------------------------------------------------------------------- sampling, rendering
 
+def scenes_of(records: list[dict]) -> list[tuple] | None:
+    """The records' scenes when every record has one (the shapes world), else None: the oracle tables
+    need them, and any other dataset simply has no such tables."""
+    return [scene_from_json(r["scene"]) for r in records] if all("scene" in r for r in records) else None
+
+
 def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 4) -> tuple:
-    """Distinct cells, distinct (colour, shape) pairs, sizes 50/50, integer jitter in [-2, 2]."""
+    """Distinct cells, distinct (colour, shape) pairs, sizes 50/50, integer jitter in [-JITTER, JITTER]."""
     n = rng.randint(min_objects, max_objects)
     cells = rng.sample(POSITIONS, n)
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
@@ -223,7 +229,8 @@ def detect_scene(image) -> tuple:
             if len(blob) >= MIN_OBJECT_PIXELS:
                 size, shape = classify_blob(blob)
                 objs.append(Obj(pos, color, shape, size))
-    # Two blobs of one (colour, shape) cannot both be real (scenes never repeat a kind): keep the larger-size one
+    # Two blobs of one (colour, shape) cannot both be real (scenes never repeat a kind): keep the first
+    # found, in colour order then cell order
     unique = {}
     for o in objs:
         unique.setdefault((o.color, o.shape), o)

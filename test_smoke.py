@@ -120,20 +120,23 @@ def test_tokenizer_round_trip_chat_template_and_processor(tmp_path):
 # ----------------------------------------------------------------------------- configurator
 
 def test_configurator_types_files_and_errors(tmp_path):
-    defaults = {"lr": 1e-3, "steps": 10, "name": "run", "compile": False, "betas": (0.9, 0.95), "init_from": None}
+    defaults = {"lr": 1e-3, "steps": 10, "name": "run", "compile": False, "betas": (0.9, 0.95)}
     cfg = configure(defaults, ["--lr=1", "--steps=20", "--name=out/x", "--compile=True", "--betas=(0.8,0.9)"])
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.steps == 20 and cfg.name == "out/x"
-    assert cfg.compile is True and cfg.betas == (0.8, 0.9) and cfg.init_from is None
+    assert cfg.compile is True and cfg.betas == (0.8, 0.9)
+    assert configure(defaults, ["--name=1"]).name == "1"  # a string key takes its value as written
     path = tmp_path / "cfg.py"
     path.write_text("import math\nsteps = 7\nlr = math.pi\n")
     cfg = configure(defaults, [str(path), "--steps=8"])
     assert cfg.steps == 8 and cfg.lr == pytest.approx(3.14159, rel=1e-5)
-    with pytest.raises(ConfigError, match=r"unknown config key 'stepz'.*Valid keys: betas, compile, init_from, lr, name, steps"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'stepz'.*Valid keys: betas, compile, lr, name, steps"):
         configure(defaults, ["--stepz=3"])
     with pytest.raises(ConfigError, match=r"'steps' expects int.*got float"):
         configure(defaults, ["--steps=2.5"])
     with pytest.raises(ConfigError, match=r"'compile' expects bool"):
         configure(defaults, ["--compile=1"])
+    with pytest.raises(ConfigError, match=r"'lr' expects float.*got NoneType"):
+        configure(defaults, ["--lr=None"])
     path.write_text("batch = 3\n")
     with pytest.raises(ConfigError, match=r"cfg.py: unknown config key 'batch'"):
         configure(defaults, [str(path)])
@@ -510,9 +513,16 @@ def test_lora_zero_init_off_on_merge_and_peft_layout(tiny_uae, tmp_path):
         with M.lora_disabled(model.llm):  # the GRPO reference: adapters off
             torch.testing.assert_close(model.condition(texts), before)
         torch.testing.assert_close(model.condition(texts), adapted)
-    M.save_lora(model.llm, str(tmp_path), 4, 8, M.LLM_LORA_TARGETS)
+    M.save_lora(model.llm, str(tmp_path), 4, 8, "/ckpt/base_llm")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert config["base_model_name_or_path"] == "/ckpt/base_llm"
+    # peft's rule for a list: a module is adapted when its name equals an entry or ends with "." + entry;
+    # it must pick exactly our adapted modules (the vision tower's MLP also has gate/up/down_proj)
+    picked = {name for name, _ in model.llm.named_modules()
+              if any(name == t or name.endswith("." + t) for t in config["target_modules"])}
+    assert picked == set(M.lora_layers(model.llm)) and len(picked) == 14
+    assert any(n.endswith("mlp.gate_proj") and "visual" in n for n, _ in tiny_uae.llm.named_modules())
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert len(keys) == len(params)
@@ -521,9 +531,10 @@ def test_lora_zero_init_off_on_merge_and_peft_layout(tiny_uae, tmp_path):
     M.load_lora(reloaded.llm, str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.condition(texts), adapted)
-        M.merge_lora(reloaded.llm)
-        assert not M.lora_layers(reloaded.llm)
-        torch.testing.assert_close(reloaded.condition(texts), adapted, atol=1e-5, rtol=1e-5)
+        with M.lora_merged(reloaded.llm):  # how checkpoints are written: plain Linears, W + scale B A
+            assert not M.lora_layers(reloaded.llm)
+            torch.testing.assert_close(reloaded.condition(texts), adapted, atol=1e-5, rtol=1e-5)
+        assert len(M.lora_layers(reloaded.llm)) == 14  # and the adapters are back
 
 
 def test_uae_save_load_identical_outputs(tiny_uae, tmp_path):
@@ -608,16 +619,34 @@ def test_sample_prediction_velocity_by_hand_and_save_load(tiny_uae, tmp_path):
         model.replace_decoder(model.transformer, 32, prediction="eps")
 
 
-def test_caption_logprobs_equal_teacher_forced(tiny_uae):
+def test_caption_samples_from_the_distribution_it_scores(tiny_uae):
+    """generate's processed scores (what it samples from) are softmax(logits / T), the distribution
+    caption_logprobs scores, even under a generation_config like Qwen2.5-VL-Instruct's."""
+    import copy
+    model = copy.deepcopy(tiny_uae)
+    model.llm.generation_config.update(top_k=1, top_p=0.001, repetition_penalty=1.05, temperature=0.1)
     images, _ = _scene_images(2)
-    torch.manual_seed(0)
+    options = model.sampling_options(temperature=0.7, max_new_tokens=10)
+
+    def sample(options):
+        torch.manual_seed(0)
+        out = model.llm.generate(**c.prompt, **options, return_dict_in_generate=True, output_scores=True)
+        ids = out.sequences[:, c.prompt["input_ids"].shape[1]:]
+        scores = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        mask = model.completion_mask(ids).bool()
+        return ids, scores[mask], model.caption_logprobs(c.prompt, ids, temperature=0.7)[mask]
+
     with torch.no_grad():
-        c = tiny_uae.caption(images, num_samples=3, temperature=0.7, max_new_tokens=10)
-        assert c.ids.shape[0] == 6 and c.logp.shape == c.ids.shape and len(c.texts) == 6
-        forced = tiny_uae.caption_logprobs(c.prompt, c.ids, temperature=0.7)
-    mask = c.mask.bool()
-    torch.testing.assert_close(forced[mask], c.logp[mask], atol=1e-4, rtol=1e-4)
-    assert torch.all(c.logp[~mask] == 0) and torch.isfinite(forced[mask]).all()
+        torch.manual_seed(0)
+        c = model.caption(images, num_samples=3, temperature=0.7, max_new_tokens=10)
+        assert c.ids.shape[0] == 6 and c.mask.shape == c.ids.shape and len(c.texts) == 6
+        ids, sampled, forced = sample(options)
+        assert torch.equal(ids, c.ids)  # the very draw caption() made
+        torch.testing.assert_close(forced, sampled, atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(forced).all()
+        # control: left to the checkpoint's config, the repetition penalty changes the distribution
+        _, sampled, forced = sample({k: v for k, v in options.items() if k != "repetition_penalty"})
+        assert (forced - sampled).abs().max() > 1e-3
     # each completion's mask ends at the first eos
     for row, m in zip(c.ids, c.mask):
         eos = (row == tiny_uae.tokenizer.eos_token_id).nonzero()
@@ -744,9 +773,76 @@ def test_pretrain_encoder_loss_drops_and_resume_continues(tiny_world, capsys, tm
     out = capsys.readouterr().out
     assert "resumed from" in out and "at step 8" in out and [l for l in out.splitlines() if l.startswith("step ")][0].startswith("step 10 ")
     state = M.load_training_state(str(tmp_path / "enc"))
-    assert state["step"] == 12 and state["finished"] and state["config"]["max_steps"] == 12
+    assert state["step"] == 12 and state["config"]["max_steps"] == 12
     pretrain_encoder.main(common + ["--max_steps=12"])
     assert "is complete" in capsys.readouterr().out
+
+
+def test_non_finite_loss_skips_then_stops_with_the_checkpoint_kept(tiny_world, capsys, tmp_path, monkeypatch):
+    import pretrain_encoder
+    common = [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}", f"--vae_dir={tiny_world / 'vae'}",
+              f"--out_dir={tmp_path / 'enc'}", "--log_interval=1", "--eval_interval=100", "--save_interval=2",
+              "--max_bad_steps=2"] + TINY_ENCODER
+    pretrain_encoder.main(common + ["--max_steps=2"])
+    before = (tmp_path / "enc" / "training_state.pt").read_bytes()
+    calls = {"n": 0}
+    real = M.UAE.caption_logprobs
+
+    def nan_on_calls_1_3_4(self, *args, **kwargs):  # step 3 fails once (then trains), step 4 twice in a row
+        calls["n"] += 1
+        logp = real(self, *args, **kwargs)
+        return logp * float("nan") if calls["n"] in (1, 3, 4) else logp
+
+    monkeypatch.setattr(M.UAE, "caption_logprobs", nan_on_calls_1_3_4)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
+        pretrain_encoder.main(common + ["--max_steps=10"])
+    out = capsys.readouterr().out
+    assert "warning: step 3 non-finite reward or loss, update skipped (1 in a row)" in out
+    assert "step 3 loss" in out  # the redrawn batch trained
+    assert "warning: step 4 non-finite reward or loss, update skipped (1 in a row)" in out
+    assert "warning: step 4 non-finite reward or loss, update skipped (2 in a row)" in out
+    assert (tmp_path / "enc" / "training_state.pt").read_bytes() == before  # step 2's checkpoint, untouched
+
+
+def test_all_finite_agrees_over_ranks(tmp_path):
+    """A NaN on one rank must skip the step on every rank, or the ranks' all-reduces stop pairing."""
+    script = tmp_path / "guard.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {REPO!r})
+import torch, torch.distributed as dist
+import model as M
+rt = M.setup_runtime("cpu", "float32", 0)
+guard = M.NonFiniteGuard(rt, 2, "out")
+nan_here = torch.tensor(float("nan") if rt.rank == 1 else 1.0)
+verdicts = [guard.passed(M.all_finite(nan_here), 1), guard.passed(M.all_finite(torch.ones(3)), 2)]
+total = torch.ones(1)
+dist.all_reduce(total)  # still paired after the skip
+try:
+    guard.passed(M.all_finite(nan_here), 3)
+    guard.passed(M.all_finite(nan_here), 4)
+except RuntimeError as e:
+    print(f"rank {{rt.rank}} verdicts {{verdicts}} sum {{total.item():.0f}} raised: {{e}}", flush=True)
+""")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} verdicts [False, True] sum 2 raised: 2 non-finite steps in a row" in result.stdout
+
+
+def test_start_run_recovers_interrupted_save_and_refuses_float16(tmp_path):
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(threads=0, device="cpu", dtype="float32", seed=0, out_dir=str(tmp_path / "run"), resume=True,
+                          max_steps=5)
+    (tmp_path / "run.old").mkdir()  # killed between atomic_dir's renames: run/ gone, the previous one in run.old/
+    torch.save({"step": 3}, tmp_path / "run.old" / "training_state.pt")
+    rt, state = M.start_run(cfg)
+    assert state["step"] == 3 and (tmp_path / "run" / "training_state.pt").exists() and not (tmp_path / "run.old").exists()
+    with pytest.raises(ValueError, match="float16 needs loss scaling"):
+        M.start_run(SimpleNamespace(**{**vars(cfg), "dtype": "float16"}))
+    with pytest.raises(ValueError, match="batch_size=5 must divide over 2 ranks"):
+        M.Runtime(0, 0, 2, torch.device("cpu"), torch.float32).per_rank(5, "batch_size")
 
 
 def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
@@ -1008,16 +1104,14 @@ def test_caption_encode_generate_end_to_end(paper_uae):
         torch.manual_seed(0)
         c = m.caption(images, num_samples=2, max_new_tokens=5)
         n, length = c.ids.shape
-        assert n == 4 and 1 <= length <= 5 and c.mask.shape == c.logp.shape == c.ids.shape and len(c.texts) == 4
+        assert n == 4 and 1 <= length <= 5 and c.mask.shape == c.ids.shape and len(c.texts) == 4
         mask = c.mask.bool()
-        assert torch.isfinite(c.logp[mask]).all() and (c.logp[mask] <= 0).all() and torch.all(c.logp[~mask] == 0)
         assert mask[:, 0].all()  # the first sampled token is always the policy's choice
         assert torch.equal(c.prompt["input_ids"][0], c.prompt["input_ids"][1])  # image-major repeats
         assert not np.isin(c.ids[mask].numpy(), m.banned_token_ids).any()
         with torch.no_grad():
             forced = m.caption_logprobs(c.prompt, c.ids)
-        assert forced.shape == c.ids.shape
-        torch.testing.assert_close(forced[mask], c.logp[mask], atol=1e-4, rtol=1e-4)
+        assert forced.shape == c.ids.shape and torch.isfinite(forced[mask]).all() and (forced[mask] <= 0).all()
 
         images_out = m.generate(c.texts, steps=2, cfg_scale=2.0)
         assert images_out.shape == (4, 3, 16, 16) and images_out.dtype == torch.float32  # 8x8 latents, 2x VAE
@@ -1129,6 +1223,10 @@ def test_grpo_encoder_steps_resume_and_peft_layout(tiny_world, capsys, tmp_path)
     assert rows[0]["drift"] == 0 and rows[1]["drift"] > 0  # B = 0 at step 1: the policy conditions like the reference
     assert (out / "reward_curve.png").exists() and (out / "lora_llm" / "adapter_config.json").exists()
     assert any(k.endswith("q_proj.lora_B.weight") for k in load_file(out / "lora_llm" / "adapter_model.safetensors"))
+    # the adapter belongs on the weights it was trained on, not on out/llm, where it is already merged in
+    adapter_base = json.loads((out / "lora_llm" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert adapter_base == os.path.abspath(M.UAE.load(str(tiny_world / "dec")).sources["llm"])
+    assert adapter_base != os.path.abspath(out / "llm")
     # the reference model (adapters off) equals the checkpoint the run started from
     base = M.UAE.load(str(tiny_world / "dec")).eval()
     policy = M.UAE.load(str(tiny_world / "dec")).eval()
@@ -1154,13 +1252,14 @@ def test_bench_reports_time_memory_and_mfu(tiny_world, capsys):
     capsys.readouterr()
     bench.main([f"--init_from={tiny_world / 'dec'}", f"--data_dir={tiny_world}", "--kinds=encoder", "--steps=2", "--threads=2",
                 f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}",
-                "--script_args=--images_per_step=2 --group_size=3 --max_new_tokens=8 --decode_steps=2 --lora_r=4 --lora_alpha=8"])
+                "--encoder_args=--images_per_step=2 --group_size=3 --max_new_tokens=8 --decode_steps=2 --lora_r=4 --lora_alpha=8"])
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert lines[0]["matmul_peak_gflops_bfloat16"] > 0
     row = lines[1]
     assert row["kind"] == "encoder" and row["samples_per_step"] == 6
     assert set(row["median_seconds_per_step"]) >= {"seconds", "t_caption", "t_decode", "t_reward", "t_policy"}
     assert row["gflops_per_step"] > 0 and 0 < row["mfu"] < 1  # a step above the matmul peak would be a counting bug
+    assert 100 < row["peak_memory_mb"] < 24 * 1024  # a whole process: torch alone takes a few hundred MB
 
 
 def test_grpo_encoder_two_process_gloo_resumes_exactly(tiny_world, tmp_path):
@@ -1257,6 +1356,12 @@ def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
     assert set(results["unification"]) == {"unified_score", "scene_f1"}
     assert len(results["clip"]["scores"]) == 8 and len(os.listdir(tmp_path / "reconstructions")) == 8
     assert (tmp_path / "grid.png").exists() and len((tmp_path / "captions.jsonl").read_text().splitlines()) == 8
+    clash = tmp_path / "clash.jsonl"  # reconstructions are stored by file name: two sources may not share one
+    clash.write_text('{"image": "a/0.png", "caption": "x"}\n{"image": "b/0.png", "caption": "y"}\n')
+    with pytest.raises(DataError, match=r"clash.jsonl:2: image file name 0.png is also used at .*clash.jsonl:1"):
+        eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
+            f"--ckpt={tiny_world / 'dec'}", f"--data={clash}", f"--out_dir={tmp_path}",
+            f"--clip=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]))
 
 
 # ----------------------------------------------------------------------------- grpo_decoder
@@ -1272,7 +1377,7 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
     grpo_decoder.main(args + ["--max_steps=2"])
     text = capsys.readouterr().out
     error = float(text.split("max |ratio - 1| = ")[1].split()[0])
-    assert error <= 1e-5, text  # recomputed log-probs equal the sampled ones before any update
+    assert error <= 1e-5 and "(<= 1e-5: ok)" in text, text  # recomputed log-probs equal the sampled ones before any update
     assert "eval step 0 overall" in text and "step 2 reward" in text and "eval step 2 overall" in text
     assert (out / "lora_transformer" / "adapter_model.safetensors").exists() and (out / "reward_curve.png").exists()
     grpo_decoder.main(args + ["--max_steps=3", "--shared_noise=True", "--advantage_std=batch"])

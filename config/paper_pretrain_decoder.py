@@ -1,7 +1,7 @@
 # Paper scale (DESIGN §2, §4.2): projector + SD3.5-Large MM-DiT on long captions, Qwen2.5-VL-3B frozen.
 #   torchrun --nproc_per_node=8 pretrain_decoder.py config/paper_pretrain_decoder.py --data_dir=/data/longcap
-# data_dir holds train.jsonl / val.jsonl of (image, long caption) lines (DESIGN §5). The GenEval-shapes
-# probe only means something on the shapes world; here it is disabled by a large eval_interval.
+# data_dir holds train.jsonl / val.jsonl of (image, long caption) lines (DESIGN §5). GenEval-shapes needs
+# the shapes world's scenes, so here a probe is the text-reliance ratio alone, run once, at the last step.
 init_from = "pretrained"
 qwen_dir = "/ckpt/Qwen2.5-VL-3B-Instruct"
 sd3_dir = "/ckpt/stable-diffusion-3.5-large"

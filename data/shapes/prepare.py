@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)  # this script lives in data/shapes/; the world's code is at the top level
 import shapes  # noqa: E402
 from configurator import configure  # noqa: E402
+from data import write_json  # noqa: E402
 
 config = dict(
     out_dir=os.path.dirname(os.path.abspath(__file__)),  # where splits, tokenizer and CLIP go
@@ -189,8 +190,7 @@ def main(argv=None):
     shapes.build_tokenizer().save_pretrained(os.path.join(cfg.out_dir, "tokenizer"))
     report = train_clip(cfg, splits["train"], splits["val"])
     report["total_seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(cfg.out_dir, "shapes_clip_eval.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(os.path.join(cfg.out_dir, "shapes_clip_eval.json"), report)  # last: the speedrun's "done" mark
     print("shapes clip: " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()))
 
 

@@ -23,7 +23,6 @@ the same per step and also reached the bar; on today's 48x48 world the defaults 
   have 1-9 objects (val has 1-4) so that more of every image is objects and edges;
 - bf16 autocast (~1.5x on this CPU), a high peak lr with warmup, and a cosine decay.
 """
-import json
 import math
 import os
 import random
@@ -39,7 +38,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)  # this script lives in data/shapes/; the world's code is at the top level
 import shapes  # noqa: E402
 from configurator import configure  # noqa: E402
-from data import load_images, read_jsonl  # noqa: E402
+from data import load_images, read_jsonl, write_json  # noqa: E402
+from model import atomic_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -193,9 +193,9 @@ def main(argv=None):
     report.update(evaluate(vae, cfg))
     report["config"] = vars(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    vae.save_pretrained(os.path.join(cfg.out_dir, "vae"))
-    with open(os.path.join(cfg.out_dir, "vae_report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    with atomic_dir(os.path.join(cfg.out_dir, "vae")) as tmp:  # the speedrun takes vae/config.json as "done"
+        vae.save_pretrained(tmp)
+    write_json(os.path.join(cfg.out_dir, "vae_report.json"), report)
     print("shapes vae: " + " ".join(f"{k} {report[k]}" for k in (
         "parameters", "steps", "train_seconds", "ms_per_step", "exact_mode", "exact_sample", "latent_shape",
         "latent_mean", "latent_std", "encode_ms_per_image", "decode_ms_per_image")))
