@@ -18,16 +18,18 @@ Measured here: decoder RL does not raise GenEval-shapes, with this reward or wit
   The pretrained decoder already draws 93 of the 100 bench scenes exactly. On all 2,000 val images,
   paired with the run's start (same captions and seeds): Unified-Score 81.86 -> 81.88 (+0.02 +- 0.03),
   GenEval-shapes 0.924 -> 0.915 (87 scenes lost, 68 gained; McNemar p = 0.15): a reshuffle, no gain.
-- The reward is not what stops it. From that run's RL encoder, 300 steps, val200 at seed 1337, steps
-  0 / 100 / 200 / 300 (experiments/decoder_rl/oracle_reward.py on branch decoder-rl-snr; one thread each):
-  - true captions, reward = the oracle's scene-F1 against the source: 0.925 / 0.895 / 0.895 / 0.900, though
-    its rollouts' reward rose 0.836 -> 0.865 (first / last 25 steps);
-  - true captions, the reconstruction reward: 0.925 / 0.910 / 0.920 / 0.900 (reward 0.974 -> 0.974);
-  - rollouts near the evaluation sampler (train_steps=20, sde_steps=2, timestep_fraction 1.0): oracle
-    reward 0.925 / 0.895 / 0.885 at 0 / 100 / 200; reconstruction reward, encoder captions 0.925 / 0.905 / 0.775;
-  - lr 3e-5, defaults otherwise: oracle reward, true captions 0.925 / 0.915 / 0.920 / 0.910 (reward 0.852 ->
-    0.856); the stage itself (reconstruction reward, encoder captions) 0.925 / 0.905 / 0.915 / 0.900 (0.813 -> 0.820).
-  With a perfect reward Flow-GRPO at 4 captions x 8 images per step still lowers GenEval-shapes here.
+- The reward is not what stops it. From that run's RL encoder (experiments/decoder_rl/oracle_reward.py and
+  paired_geneval.py on branch decoder-rl-snr), GenEval-shapes on all 2,000 val scenes against the start's
+  0.9245, paired (scenes lost / gained, McNemar p), at the last step:
+  - true captions, reward = the oracle's scene-F1 against the source, 300 steps: 0.924 (81 / 80, p 1.0),
+    though its rollouts' reward rose 0.836 -> 0.865 (first / last 25 steps);
+  - true captions, the reconstruction reward, 300 steps: 0.914 (84 / 63, p 0.10);
+  - lr 3e-5, 300 steps: oracle reward, true captions 0.9265 (20 / 24, p 0.65); the stage itself
+    (reconstruction reward, encoder captions) 0.9295 (27 / 37, p 0.26);
+  - rollouts near the evaluation sampler (train_steps=20, sde_steps=2, timestep_fraction 1.0), 240 steps:
+    oracle reward 0.9095 (92 / 62, p 0.02); reconstruction reward, encoder captions 0.5625 (a collapse).
+  With a perfect reward Flow-GRPO at 4 captions x 8 images per step moves scenes both ways and nets nothing
+  measurable. (On 200 val scenes, as these runs first were read, such differences are within noise.)
 - Why, from earlier stops (weaker decoders, before the data-parallel fix 5a7c1d0, CFG 3 and 1.25): no setting
   raised val GenEval-shapes (lr 3e-5..1e-3, beta 0.01..0.04, group or batch advantage std, shared starting
   noise, sde_steps 1/2, 4x the captions per step, true captions). The reward ranks a caption's rollouts

@@ -123,13 +123,14 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
         with torch.no_grad(), M.lora_disabled(model.llm), rt.autocast():
             ref = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
     mask = captions.mask.float()
+    tokens_per_rank = M.all_reduce_mean(mask.sum())  # "token" aggregation over every rank's captions (grpo_loss)
     for _ in range(cfg.mu):
         with rt.autocast():
             logp = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
         logp = torch.where(mask.bool(), logp, 0.0)
         loss, stats = M.grpo_loss(logp, logp.detach() if old is None else old, None if ref is None else torch.where(mask.bool(), ref, 0.0),
                                   advantages, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.aggregation,
-                                  return_stats=True)
+                                  return_stats=True, tokens_per_rank=tokens_per_rank)
         stats["drift"] = condition_drift(model, rt, out["anchor_texts"], out["reference_condition"])
         loss = loss + cfg.anchor_weight * stats["drift"]
         if not M.all_finite(loss):

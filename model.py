@@ -867,7 +867,8 @@ class UAE(nn.Module):
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2, clip_eps_high: float | None = None,
-              beta: float = 0.04, aggregation: str = "token", kl=None, return_stats: bool = False):
+              beta: float = 0.04, aggregation: str = "token", kl=None, return_stats: bool = False,
+              tokens_per_rank=None):
     """Clipped-surrogate GRPO loss (Shao et al. 2024, DAPO's eps_high from Yu et al. 2025), per element:
 
         ratio = exp(logp - old_logp)
@@ -878,7 +879,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2,
     trajectory; advantages (N,) broadcast over L. `kl` (N, L) replaces k3 where the KL is known in
     closed form (the decoder: Gaussian means). Aggregation "token": sum over all elements / their
     count (length-neutral); "sequence": mean per row, then over rows (favours short answers).
-    Computed in fp32. Returns the scalar loss, and a stats dict if return_stats."""
+    Data parallel, "token" divides by tokens_per_rank, the count averaged over ranks: the gradient
+    averaged over ranks is then that of every rank's sum / all their tokens, whereas each rank's own
+    count would weight up a rank of short captions. Computed in fp32. Returns the scalar loss, and a stats dict if return_stats."""
     if aggregation not in ("token", "sequence"):
         raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
     logp, old_logp, mask = logp.float(), old_logp.float(), mask.float()
@@ -893,7 +896,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2,
     if kl is not None and beta != 0:
         per_elem = per_elem + beta * kl.float()
     if aggregation == "token":
-        loss = (per_elem * mask).sum() / mask.sum().clamp(min=1)
+        count = mask.sum() if tokens_per_rank is None else tokens_per_rank
+        loss = (per_elem * mask).sum() / count.clamp(min=1)
     else:
         loss = ((per_elem * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     if not return_stats:

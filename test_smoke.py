@@ -894,6 +894,13 @@ def test_grpo_loss_by_hand():
     torch.testing.assert_close(loss, token)
     assert stats["clip_fraction"].item() == pytest.approx(1 / 5)
     torch.testing.assert_close(stats["kl"], (k3 * mask).sum() / 5)
+    # data parallel: row 0 on one rank (3 tokens), row 1 on another (2); averaging their losses, as
+    # averaging gradients does, gives the token loss only with the count averaged over ranks (2.5)
+    ranks = [M.grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1], tokens_per_rank=t)
+             for i, t in ((0, torch.tensor(2.5)), (1, torch.tensor(2.5)))]
+    torch.testing.assert_close((ranks[0] + ranks[1]) / 2, token)
+    own = [M.grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1]) for i in (0, 1)]
+    assert abs((own[0] + own[1]).item() / 2 - token.item()) > 0.05  # each rank's own count: a different loss
     seq = ((per * mask).sum(1) / mask.sum(1)).mean()
     torch.testing.assert_close(M.grpo_loss(logp, old, ref, adv, mask, aggregation="sequence"), seq)
     # eps_high = 0.8 lets the positive-advantage token up to ratio 1.8: e^.5 = 1.65 is no longer clipped
