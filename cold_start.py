@@ -8,9 +8,10 @@ the reward backbone. Loss (DESIGN §4.3):
 
 f(x) is fixed (no grad); the gradient flows through the sampler into the DiT, the projector and the
 LLM's LoRA. The sampler is unguided: its condition is the caption tokens' own states, not the padded
-generate turn that the empty prompt's negative condition has, so there is no matching negative. The captions are the encoder's own samples, so the cross-entropy keeps captioning as it
-was (no new text is taught here: what to say is left to RL). Learning rates are small and the run is
-short: this stage initialises, it does not solve.
+generate turn that the empty prompt's negative condition has, so there is no matching negative. The
+captions are the encoder's own samples, so the cross-entropy keeps captioning as it was (no new text is
+taught here: what to say is left to RL). Learning rates are small and the run is short: this stage
+initialises, it does not solve.
 
     python cold_start.py
     torchrun --standalone --nproc_per_node=2 cold_start.py
