@@ -17,11 +17,12 @@ Measured here: decoder RL does not raise GenEval-shapes, with this reward or wit
   Unified-Score 84.05 -> 83.90; on its 100 val captions 0.86 -> 0.86 / 0.89 / 0.85 at steps 20 / 40 / 60. At
   64eb1b8 (before grpo_encoder's global token count): bench 0.94 -> 0.93, Unified-Score 81.00 -> 80.69.
   The pretrained decoder already draws 93 of the 100 bench scenes exactly. On all 2,000 val images
-  (the 64eb1b8 run), paired with the stage's start (same captions and seeds): Unified-Score 81.86 -> 81.88 (+0.02 +- 0.03),
-  GenEval-shapes 0.924 -> 0.915 (87 scenes lost, 68 gained; McNemar p = 0.15): a reshuffle, no gain.
-- The reward is not what stops it. From the 64eb1b8 run's RL encoder (experiments/decoder_rl/oracle_reward.py and
-  paired_geneval.py on branch decoder-rl-snr), GenEval-shapes on all 2,000 val scenes against the start's
-  0.9245, paired (scenes lost / gained, McNemar p), at the last step:
+  (the 64eb1b8 run), paired with the stage's start (same captions and seeds): Unified-Score 81.86 ->
+  81.88 (+0.02 +- 0.03), GenEval-shapes 0.924 -> 0.915 (87 scenes lost, 68 gained; McNemar p = 0.15): a
+  reshuffle, no gain.
+- The reward is not what stops it. From the 64eb1b8 run's RL encoder (experiments/decoder_rl/
+  oracle_reward.py and paired_geneval.py on branch decoder-rl-snr), GenEval-shapes on all 2,000 val scenes
+  against the start's 0.9245, paired (scenes lost / gained, McNemar p), at the last step:
   - true captions, reward = the oracle's scene-F1 against the source, 300 steps: 0.924 (81 / 80, p 1.0),
     though its rollouts' reward rose 0.836 -> 0.865 (first / last 25 steps);
   - true captions, the reconstruction reward, 300 steps: 0.914 (84 / 63, p 0.10);
