@@ -683,7 +683,6 @@ class UAE(nn.Module):
                              f"generate-turn prefix); use 0 for the full window")
         return max_new_tokens or window
 
-    @torch.no_grad()
     def sampling_options(self, temperature: float = 0.7, max_new_tokens: int = 0, greedy: bool = False) -> dict:
         """llm.generate's settings for captions, every sampling knob explicit. generate's own arguments
         outrank the checkpoint's generation_config (Qwen2.5-VL-Instruct's sets top_k 1, top_p 0.001 and
@@ -694,6 +693,7 @@ class UAE(nn.Module):
                     pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                     suppress_tokens=self.banned_token_ids)
 
+    @torch.no_grad()
     def caption(self, images, num_samples: int = 1, temperature: float = 0.7, max_new_tokens: int = 0,
                 greedy: bool = False) -> Captions:
         """G = num_samples captions per image from one batched generate, at most caption_cap(max_new_tokens)
@@ -881,7 +881,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2,
     count (length-neutral); "sequence": mean per row, then over rows (favours short answers).
     Data parallel, "token" divides by tokens_per_rank, the count averaged over ranks: the gradient
     averaged over ranks is then that of every rank's sum / all their tokens, whereas each rank's own
-    count would weight up a rank of short captions. Computed in fp32. Returns the scalar loss, and a stats dict if return_stats."""
+    count would weight up a rank of short captions. Computed in fp32. Returns the scalar loss, and a
+    stats dict if return_stats."""
     if aggregation not in ("token", "sequence"):
         raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
     logp, old_logp, mask = logp.float(), old_logp.float(), mask.float()

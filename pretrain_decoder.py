@@ -173,11 +173,11 @@ def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=5
     x_t = (1 - sigma) * latents + sigma * noise
     errors = [0.0, 0.0]
     for i in range(0, len(latents), batch_size):  # batched: at 1024 px all val latents do not fit one forward
+        x, x0 = x_t[i:i + batch_size], latents[i:i + batch_size]
         for k, h in enumerate((hidden, hidden.roll(1, 0))):
             with rt.autocast():
-                v = model.velocity(x_t[i:i + batch_size], torch.tensor(sigma, device=rt.device),
-                                   model.project(h[i:i + batch_size]))
-            errors[k] += ((x_t[i:i + batch_size] - sigma * v.float() - latents[i:i + batch_size]) ** 2).sum().item()
+                v = model.velocity(x, torch.tensor(sigma, device=rt.device), model.project(h[i:i + batch_size]))
+            errors[k] += ((x - sigma * v.float() - x0) ** 2).sum().item()
     return errors[0] / errors[1]
 
 
