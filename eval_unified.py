@@ -81,11 +81,8 @@ def load_folder_pairs(generated: str, references: str) -> tuple:
 @torch.no_grad()
 def reconstruct(model, rt, sources, cfg, generator) -> tuple[list[str], torch.Tensor]:
     """Protocol 1: each source's caption (I2T), then the image redrawn from it (T2I)."""
-    texts = []
-    for i in range(0, len(sources), cfg.batch_size):
-        with rt.autocast():
-            texts += model.caption(sources[i:i + cfg.batch_size], temperature=cfg.temperature,
-                                   max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy).texts
+    with rt.autocast():
+        texts = model.describe(sources, cfg.temperature, cfg.max_new_tokens, cfg.greedy, cfg.batch_size)
     return texts, generate_from(model, rt, texts, cfg, generator)
 
 

@@ -144,11 +144,10 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
     return {"loss": loss.detach(), **stats, "finite": True}
 
 
-@torch.no_grad()
 def probe(model, rt, images, scenes, cfg) -> dict:
     model.eval()
     with rt.autocast():
-        texts = model.caption(images, greedy=True, max_new_tokens=cfg.max_new_tokens).texts
+        texts = model.describe(images, max_new_tokens=cfg.max_new_tokens, greedy=True)
     model.train()
     return shapes.caption_report(texts, scenes) | {"example": texts[0]}
 

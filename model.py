@@ -706,6 +706,14 @@ class UAE(nn.Module):
         texts = self.tokenizer.batch_decode(ids * mask + self.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
         return Captions(prompt, ids, mask, [t.strip() for t in texts])
 
+    @torch.no_grad()
+    def describe(self, images, temperature: float = 0.7, max_new_tokens: int = 0, greedy: bool = False,
+                 batch_size: int = 0) -> list[str]:
+        """Images -> one caption text each (generate's mirror); batch_size images per pass (0 = all)."""
+        step = batch_size if batch_size > 0 else max(len(images), 1)
+        return [text for i in range(0, len(images), step)
+                for text in self.caption(images[i:i + step], 1, temperature, max_new_tokens, greedy).texts]
+
     def caption_logprobs(self, prompt: dict, ids: torch.Tensor, temperature: float = 0.7, return_hidden: bool = False):
         """Teacher-forced (N, L) fp32 log-probs of completion `ids` after `prompt` (gradients on); with
         return_hidden also the last-layer hidden states at the completion positions (cold start)."""

@@ -79,13 +79,10 @@ def caption_ids(model, texts: list[str]) -> torch.Tensor:
     return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
 
 
-@torch.no_grad()
 def probe(model, rt, images, scenes, max_new_tokens) -> dict:
     model.eval()
-    texts = []
-    for i in range(0, len(images), 64):
-        with rt.autocast():
-            texts += model.caption(images[i:i + 64], greedy=True, max_new_tokens=max_new_tokens).texts
+    with rt.autocast():
+        texts = model.describe(images, max_new_tokens=max_new_tokens, greedy=True, batch_size=64)
     model.train()
     return shapes.caption_report(texts, scenes) | {"example": texts[0]}
 

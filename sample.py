@@ -53,8 +53,7 @@ def main(argv=None):
     else:
         sources = load_images(read_jsonl(cfg.data)[:cfg.n])
         with rt.autocast():
-            texts = model.caption(sources, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                  greedy=cfg.greedy).texts
+            texts = model.describe(sources, cfg.temperature, cfg.max_new_tokens, cfg.greedy)
         rows = [(src, text) for src, text in zip(sources, texts)]
         if cfg.mode == "i2i":
             with rt.autocast():

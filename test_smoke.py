@@ -547,6 +547,7 @@ def test_uae_save_load_identical_outputs(tiny_uae, tmp_path):
         noise = torch.randn(tiny_uae.latent_shape(1), generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(tiny_uae.sample_ode(a, 3, noise=noise), loaded.sample_ode(b, 3, noise=noise))
         c = tiny_uae.caption(images, greedy=True, max_new_tokens=6)
+        assert loaded.describe(images, max_new_tokens=6, greedy=True, batch_size=1) == c.texts  # per-image passes agree
         torch.testing.assert_close(loaded.caption_logprobs(c.prompt, c.ids, 0.7), tiny_uae.caption_logprobs(c.prompt, c.ids, 0.7))
     with pytest.raises(FileNotFoundError, match="no model.json"):
         M.UAE.load(str(tmp_path))
