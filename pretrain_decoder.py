@@ -38,6 +38,7 @@ objects: 0.07 / 0.31 / 0.62 / 0.78 / 0.80). The default stops at 8,000 for a mar
 budget of both pretraining stages: in the speedrun at 64eb1b8 they took 18.5 min, and this stage reached
 0.915 on 200 val captions (0.895 at 6,000).
 """
+import contextlib
 import copy
 import os
 import sys
@@ -181,12 +182,8 @@ def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=5
     return errors[0] / errors[1]
 
 
-def main(argv=None):
-    cfg = configure(config, argv)
-    rt, state = M.start_run(cfg)
-    if state == "complete":
-        return
-    local_batch = rt.per_rank(cfg.batch_size, "batch_size")
+def build_model(cfg, rt) -> M.UAE:
+    """init_from's UAE; with new_decoder its decoder replaced by a fresh projector + DiT (and VAE)."""
     if cfg.init_from == "pretrained":  # paper scale: the first UAE, straight from the two released checkpoints
         model = M.UAE.from_pretrained(cfg.qwen_dir, cfg.sd3_dir, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
     else:
@@ -202,6 +199,29 @@ def main(argv=None):
                          model.pooled.numel(), cfg.qk_norm or None)
         model.replace_decoder(dit, cfg.projector_hidden, cfg.text_positions, cfg.prediction)
     model.llm.requires_grad_(False).eval()
+    return model
+
+
+@contextlib.contextmanager
+def ema_weights(modules, ema):
+    """Swap the EMA weights in (sampling and the checkpoint use them); yields the raw ones, put back after."""
+    raw = [copy.deepcopy(m.state_dict()) for m in modules]
+    for m, e in zip(modules, ema):
+        m.load_state_dict(e.state_dict())
+    try:
+        yield raw
+    finally:
+        for m, r in zip(modules, raw):
+            m.load_state_dict(r)
+
+
+def main(argv=None):
+    cfg = configure(config, argv)
+    rt, state = M.start_run(cfg)
+    if state == "complete":
+        return
+    local_batch = rt.per_rank(cfg.batch_size, "batch_size")
+    model = build_model(cfg, rt)
     trained = model.decoder_modules()
     params = [p for m in trained for p in m.parameters()]
     M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
@@ -283,23 +303,19 @@ def main(argv=None):
         probing = rt.master and (step % cfg.eval_interval == 0 or last)
         saving = step % cfg.save_interval == 0 or last
         if probing or saving:
-            raw = [copy.deepcopy(m.state_dict()) for m in trained]
-            for m, e in zip(trained, ema):  # sample and save with the EMA weights
-                m.load_state_dict(e.state_dict())
-            if probing:
-                model.eval()
-                eval_gen.manual_seed(cfg.seed)
-                report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen) if val_scenes else {}
-                report["text_reliance"] = text_reliance(model, rt, val_latents, val_hidden, eval_gen)
-                rt.print(f"eval step {step} " + shapes.format_report(report))
-                model.train()
-            if saving:  # every rank: the RNG states are gathered
-                trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
-                                (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
-                M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg),
-                                  {"raw": raw, "ema": [e.state_dict() for e in ema]})
-            for m, r in zip(trained, raw):
-                m.load_state_dict(r)
+            with ema_weights(trained, ema) as raw:
+                if probing:
+                    model.eval()
+                    eval_gen.manual_seed(cfg.seed)
+                    report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen) if val_scenes else {}
+                    report["text_reliance"] = text_reliance(model, rt, val_latents, val_hidden, eval_gen)
+                    rt.print(f"eval step {step} " + shapes.format_report(report))
+                    model.train()
+                if saving:  # every rank: the RNG states are gathered
+                    trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
+                                    (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
+                    M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg),
+                                      {"raw": raw, "ema": [e.state_dict() for e in ema]})
     bar.close()
     M.end_run(rt, step, t0)
 
