@@ -56,7 +56,7 @@ config = dict(
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     decode_steps=10,  # Euler steps of the frozen decoder
-    cfg_scale=3.0,  # guidance of the frozen decoder: 3, not the 1.25 that samples best (README "guidance")
+    cfg_scale=1.25,  # guidance of the frozen decoder: the bench's (README "guidance")
     # loss
     mu=1,  # policy updates per rollout (1: old log-probs = logp.detach(), no extra forward)
     clip_eps=0.2,  # PPO clip range (low side)
