@@ -12,35 +12,38 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
 makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Measured here: decoder RL does not raise GenEval-shapes, with this reward or with a perfect one.
-- The speedrun (README; clean clone of 78e9c85), defaults, 60 steps: bench GenEval-shapes 0.97 -> 0.94,
-  Unified-Score 84.05 -> 83.90; on its 100 val captions 0.86 -> 0.86 / 0.89 / 0.85 at steps 20 / 40 / 60. At
-  64eb1b8 (before grpo_encoder's global token count): bench 0.94 -> 0.93, Unified-Score 81.00 -> 80.69.
-  The pretrained decoder already draws 93 of the 100 bench scenes exactly. On all 2,000 val images
-  (the 64eb1b8 run), paired with the stage's start (same captions and seeds): Unified-Score 81.86 ->
-  81.88 (+0.02 +- 0.03), GenEval-shapes 0.924 -> 0.915 (87 scenes lost, 68 gained; McNemar p = 0.15): a
-  reshuffle, no gain.
-- The reward is not what stops it. From the 64eb1b8 run's RL encoder (experiments/decoder_rl/
-  oracle_reward.py and paired_geneval.py on branch decoder-rl-snr), GenEval-shapes on all 2,000 val scenes
-  against the start's 0.9245, paired (scenes lost / gained, McNemar p), at the last step:
+Measured here: with enough rollouts per step decoder RL raises the full loop's Unified-Score, the
+similarity its reward pays for; it does not raise GenEval-shapes, with this reward or with a perfect one.
+- Rollouts per step decide the Unified-Score. From the 78e9c85 speedrun's RL encoder, 60 steps, paired
+  with the stage's start on all 2,000 val images (same captions and seeds; eval_unified.py
+  --data=data/shapes/val.jsonl; start 83.17): 4 captions x 8 images per step (1.3 s a step) 83.00
+  (-0.17 +- 0.05 points); 40 captions x 8 images (9.6 s a step) 83.48 (+0.32 +- 0.06), its rollouts'
+  reward 0.825 -> 0.842 (first / last quarter), bench 84.05 -> 84.72. Hence the defaults: 40 captions,
+  40 steps (the speedrun's budget). In the speedrun at 6e0d718 (338 s): rollout reward 0.793 -> 0.796
+  (first / last quarter), bench Unified-Score 80.49 -> 80.56, within the bench's noise (README).
+- GenEval-shapes (the true captions) stays where the pretrained decoder left it. The same runs, against
+  the start's 0.9255 (scenes lost / gained, McNemar p): 4 captions 0.9295 (66 / 74, p 0.55); 40 captions
+  0.924 (64 / 61, p 0.86); 4 captions at lr 3e-5 for 300 steps 0.9265 (29 / 31, p 0.90); the >=3-object
+  scenes 0.888 -> 0.898 (47 / 57, p 0.38) and 0.884 (44 / 40, p 0.74) for 4 and 40 captions. The
+  pretrained decoder already draws about 93% of the scenes exactly. Untested guess for the rest: paid
+  through the encoder's captions (attribute accuracy 0.69), the reward favours guessing the source over
+  following the caption.
+- The reward is not what stops it. From the 64eb1b8 run's RL encoder at 4 captions x 8 images
+  (experiments/decoder_rl/oracle_reward.py and paired_geneval.py on branch decoder-rl-snr), GenEval-shapes
+  on the 2,000 val scenes against the start's 0.9245 (lost / gained, p), at the last step:
   - true captions, reward = the oracle's scene-F1 against the source, 300 steps: 0.924 (81 / 80, p 1.0),
     though its rollouts' reward rose 0.836 -> 0.865 (first / last 25 steps);
   - true captions, the reconstruction reward, 300 steps: 0.914 (84 / 63, p 0.10);
-  - lr 3e-5, 300 steps: oracle reward, true captions 0.9265 (20 / 24, p 0.65); the stage itself
-    (reconstruction reward, encoder captions) 0.9295 (27 / 37, p 0.26);
+  - lr 3e-5, 300 steps: oracle reward, true captions 0.9265 (20 / 24, p 0.65);
   - rollouts near the evaluation sampler (train_steps=20, sde_steps=2, timestep_fraction 1.0), 240 steps:
     oracle reward 0.9095 (92 / 62, p 0.02); reconstruction reward, encoder captions 0.5625 (a collapse).
-  With a perfect reward Flow-GRPO at 4 captions x 8 images per step moves scenes both ways and nets nothing
-  measurable. (On 200 val scenes, as these runs first were read, such differences are within noise.)
-- Why, from earlier stops (weaker decoders, before the data-parallel fix 5a7c1d0, CFG 3 and 1.25): no setting
-  raised val GenEval-shapes (lr 3e-5..1e-3, beta 0.01..0.04, group or batch advantage std, shared starting
-  noise, sde_steps 1/2, 4x the captions per step, true captions). The reward ranks a caption's rollouts
+- Why so many rollouts, from earlier stops (weaker decoders): the reward ranks a caption's rollouts
   rightly (AUC 0.78 for exactly-right vs wrong images), but the cosine between the LoRA gradients of two
-  independent rollout batches (8 captions x 8 images) is about 0, at best 0.09: Adam turns that noise into
-  full-size steps, a random walk away from the pretrained optimum. The update itself works: on a fixed
-  pool of 16 captions seen again and again, the exact-scene rate on them rose 0.727 -> 0.844 in 200 steps.
-  Over the whole caption distribution our budget gives about one visit per caption; far more samples per
-  step (a GPU) are next.
+  independent rollout batches of 8 captions x 8 images is about 0, at best 0.09: Adam turns that noise
+  into full-size steps, a random walk away from the pretrained optimum. The update itself works: on a
+  fixed pool of 16 captions seen again and again, the exact-scene rate on them rose 0.727 -> 0.844 in 200
+  steps. No other setting helped at 4-8 captions per step (lr 3e-5..1e-3, beta 0.01..0.04, group or
+  batch advantage std, shared starting noise, sde_steps 1/2, true captions).
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os

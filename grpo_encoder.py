@@ -12,14 +12,14 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
     torchrun --nproc_per_node=8 grpo_encoder.py --init_from=out/paper_cold_start --data_dir=/data/longcap \
         --reward_backbone=open_clip:ViT-L-14-quickgelu:/ckpt/ViT-L-14.pt   # paper scale (README)
 
-Measured here (defaults, 2 processes, 1,068 s, in the speedrun at 78e9c85; val probe of 100 images): small-
-object recall 0.029 / 0.117 / 0.584 / 0.693 / 0.759 / 0.781 / 0.715 at steps 40 / 80 / 160 / 360 / 520 /
-640 / 720 (peak 0.788 at 560), precision 1.00 / 1.00 / 0.981 / 0.965 / 0.979 / 0.963 / 0.987; on the bench
-0.812 at 720. The encoder learns to list small objects and to state positions, which it gets wrong often
-(attribute accuracy 0.67 at step 720). 720 steps were chosen before the data-parallel fix (5a7c1d0), when
-ranks trained different models and recall was still rising at 540-720 (bench 0.414 / 0.444 / 0.451 at 360 /
-540 / 720); with one model per rank the val probe plateaus from about 520 (at 64eb1b8, before the global
-token count: 0.715 / 0.803 / 0.781 at 520 / 640 / 720, bench 0.842).
+Measured here (defaults, 2 processes, 706 s, in the speedrun at 6e0d718; val probe of 100 images): small-
+object recall 0.007 / 0.577 / 0.657 / 0.701 / 0.781 at steps 40 / 160 / 360 / 520 / 560, precision 1.000 /
+0.986 / 0.969 / 0.974 / 0.962; on the bench 0.872 at 560. The encoder learns to list small objects and to
+state positions, which it gets wrong often (attribute accuracy 0.66 at step 560). 560 steps: with one model
+per rank the val probe plateaus from about 520 (the 78e9c85 run, frozen decoder at CFG 3: 0.759 / 0.788 /
+0.781 / 0.715 at 520 / 560 / 640 / 720, bench 0.812 at 720; the same run at CFG 1.25 went on to 0.723 at
+720, bench 0.835), and the steps past it pay for grpo_decoder's rollouts. The frozen decoder renders at
+the bench's CFG 1.25 (README "guidance").
 
 Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
 reward_curve.png.
