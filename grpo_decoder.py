@@ -71,7 +71,7 @@ config = dict(
     lr=3e-4,  # AdamW learning rate of the adapters
     grad_clip=1.0,  # max gradient norm
     # rollout
-    max_steps=40,  # RL steps
+    max_steps=30,  # RL steps
     captions_per_step=40,  # source images (one caption each) per step, global (docstring: 4 lowered the Unified-Score)
     group_size=8,  # G images per caption
     greedy_captions=True,  # captions from the encoder: greedy (True) or sampled at temperature

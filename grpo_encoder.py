@@ -50,7 +50,7 @@ config = dict(
     weight_decay=0.0,  # AdamW weight decay
     grad_clip=1.0,  # max gradient norm
     # rollout
-    max_steps=560,  # RL steps (docstring: the val probe plateaus from about 520)
+    max_steps=720,  # RL steps (docstring: 560 named more small objects, 720 scored 5 Unified-Score points more)
     images_per_step=8,  # B source images per step (global; each group lives on one rank)
     group_size=8,  # G captions per image
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
