@@ -19,8 +19,8 @@ similarity its reward pays for; it does not raise GenEval-shapes, with this rewa
   --data=data/shapes/val.jsonl; start 83.17): 4 captions x 8 images per step (1.3 s a step) 83.00
   (-0.17 +- 0.05 points); 40 captions x 8 images (9.6 s a step) 83.48 (+0.32 +- 0.06), its rollouts'
   reward 0.825 -> 0.842 (first / last quarter), bench 84.05 -> 84.72. Hence the defaults: 40 captions,
-  40 steps (the speedrun's budget). In the speedrun at 6e0d718 (338 s): rollout reward 0.793 -> 0.796
-  (first / last quarter), bench Unified-Score 80.49 -> 80.56, within the bench's noise (README).
+  30 steps (what the speedrun's 50 minutes leave). In the speedrun at 57bcfe4 (258 s): bench GenEval-shapes
+  0.94 -> 0.96, >=3 objects 0.882 -> 0.922, Unified-Score 85.67 -> 85.58, all within the bench's noise.
 - GenEval-shapes (the true captions) stays where the pretrained decoder left it. The same runs, against
   the start's 0.9255 (scenes lost / gained, McNemar p): 4 captions 0.9295 (66 / 74, p 0.55); 40 captions
   0.924 (64 / 61, p 0.86); 4 captions at lr 3e-5 for 300 steps 0.9265 (29 / 31, p 0.90); the >=3-object
