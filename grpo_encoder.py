@@ -144,14 +144,6 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
     return {"loss": loss.detach(), **stats, "finite": True}
 
 
-def probe(model, rt, images, scenes, cfg) -> dict:
-    model.eval()
-    with rt.autocast():
-        texts = model.describe(images, max_new_tokens=cfg.max_new_tokens, greedy=True)
-    model.train()
-    return shapes.caption_report(texts, scenes) | {"example": texts[0]}
-
-
 def main(argv=None):
     cfg = configure(config, argv)
     rt, state = M.start_run(cfg)
@@ -211,7 +203,7 @@ def main(argv=None):
                      f"kl {row['kl']:.4f} drift {row['drift']:.5f} clip {row['clip_fraction']:.3f} len {row['caption_length']:.1f} "
                      f"loss {row['loss']:.4f} time {row['seconds']:.1f}s | {out['captions'].texts[0]}")
         if rt.master and probe_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            report = probe(model, rt, probe_images, probe_scenes, cfg)
+            report = shapes.probe_captioner(model, rt, probe_images, probe_scenes, cfg.max_new_tokens)
             history[-1]["probe"] = {k: v for k, v in report.items() if k != "example"}
             rt.print(f"eval step {step} " + shapes.format_report(report)
                      + f" | {report['example']}")

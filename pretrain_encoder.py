@@ -79,14 +79,6 @@ def caption_ids(model, texts: list[str]) -> torch.Tensor:
     return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
 
 
-def probe(model, rt, images, scenes, max_new_tokens) -> dict:
-    model.eval()
-    with rt.autocast():
-        texts = model.describe(images, max_new_tokens=max_new_tokens, greedy=True, batch_size=64)
-    model.train()
-    return shapes.caption_report(texts, scenes) | {"example": texts[0]}
-
-
 def main(argv=None):
     cfg = configure(config, argv)
     rt, state = M.start_run(cfg)
@@ -158,7 +150,7 @@ def main(argv=None):
                      f"elapsed {time.time() - t0:.0f}s")
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if rt.master and val_scenes is not None:
-                report = probe(model, rt, val_images, val_scenes, cfg.max_new_tokens)
+                report = shapes.probe_captioner(model, rt, val_images, val_scenes, cfg.max_new_tokens, batch_size=64)
                 rt.print(f"eval step {step} " + shapes.format_report(report)
                          + f" | {report['example']}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
