@@ -67,11 +67,23 @@ def load_images(records: list[dict], size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack([load_image(r, size) for r in records])).permute(0, 3, 1, 2).contiguous()
 
 
+def to_uint8_hwc(image) -> np.ndarray:
+    """One image as (H, W, 3) uint8, from (H, W, 3) or (3, H, W) arrays/tensors, uint8 or float in [0, 1]."""
+    if isinstance(image, torch.Tensor):  # numpy has no bfloat16: widen float tensors first
+        image = image.detach().cpu()
+        image = (image if image.dtype == torch.uint8 else image.float()).numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = np.moveaxis(image, 0, -1)
+    if image.dtype != np.uint8:
+        image = np.clip(np.round(image.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+    return image
+
+
 def save_grid(rows: list[tuple], path: str, text_width: int = 320):
     """A PNG a person can look at: one row per example, images (uint8 HWC or float CHW tensors)
     side by side, each followed by its caption when the row holds (image, caption) pairs."""
     from PIL import ImageDraw
-    from shapes import to_uint8_hwc
     cells = [[c if isinstance(c, str) else Image.fromarray(to_uint8_hwc(c)) for c in row] for row in rows]
     size = max(c.size[0] for row in cells for c in row if not isinstance(c, str))
     widths = [text_width if isinstance(c, str) else size for c in cells[0]]

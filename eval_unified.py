@@ -27,7 +27,7 @@ from PIL import Image
 import model as M
 import shapes
 from configurator import configure
-from data import DataError, load_images, read_jsonl, save_grid, write_json
+from data import DataError, load_images, read_jsonl, save_grid, to_uint8_hwc, write_json
 from reward import cosine, load_backbone
 
 config = dict(
@@ -123,7 +123,7 @@ def evaluate(cfg) -> dict:
         texts, recons = reconstruct(model, rt, sources, cfg, generator)
         os.makedirs(os.path.join(cfg.out_dir, "reconstructions"), exist_ok=True)
         for name, image in zip(names, recons):
-            Image.fromarray(shapes.to_uint8_hwc(image)).save(os.path.join(cfg.out_dir, "reconstructions", name))
+            Image.fromarray(to_uint8_hwc(image)).save(os.path.join(cfg.out_dir, "reconstructions", name))
         with open(os.path.join(cfg.out_dir, "captions.jsonl"), "w") as f:
             f.writelines(json.dumps({"image": n, "caption": t}) + "\n" for n, t in zip(names, texts))
         save_grid([(s, t, r) for s, t, r in list(zip(sources, texts, recons))[:16]], os.path.join(cfg.out_dir, "grid.png"))

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data import to_uint8_hwc
+
 # ============================================================================ runtime
 
 
@@ -408,15 +410,6 @@ class Captions:
     texts: list[str]
 
 
-def to_uint8_images(images) -> list[np.ndarray]:
-    """(N, 3, H, W) uint8 or float-in-[0, 1] tensors, or a list of (H, W, 3) uint8 arrays -> list of HWC uint8."""
-    if isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8:
-            images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-        return list(images.permute(0, 2, 3, 1).cpu().numpy())
-    return [np.asarray(im) for im in images]
-
-
 def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample=None, generator=None):
     """One Flow-GRPO SDE step (Liu et al. 2025, eq. 9), the reverse-time SDE with the same marginals as
     the rectified-flow ODE. dt = sigma_next - sigma < 0, std_t = a * sqrt(sigma / (1 - sigma)):
@@ -660,7 +653,7 @@ class UAE(nn.Module):
         """Processor inputs for the caption prompt, each image repeated num_samples times (left-padded)."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.caption_prompt}]}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        images = [im for im in to_uint8_images(images) for _ in range(num_samples)]
+        images = [to_uint8_hwc(im) for im in images for _ in range(num_samples)]
         batch = self.processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True,
                                padding_side="left")
         return {k: v.to(self.device) for k, v in batch.items()}

@@ -15,8 +15,7 @@ from PIL import Image
 
 import model as M
 from configurator import configure
-from data import load_images, read_jsonl, save_grid
-from shapes import to_uint8_hwc
+from data import load_images, read_jsonl, save_grid, to_uint8_hwc
 
 config = dict(
     ckpt="out/pretrain_decoder",  # UAE checkpoint directory

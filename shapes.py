@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data import to_uint8_hwc
+
 CANVAS = 48  # 3 cells of 16 px: with the f=4 VAE and DiT patch 4 one image token is exactly one cell
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 COLORS = {  # well separated in RGB: the closest pair (blue, purple) is >110 apart, noise sigma is 8
@@ -191,18 +193,6 @@ def classify_blob(pixels: np.ndarray) -> tuple[str, str]:
     size = "large" if max(h, w) > (EXTENT["large"] + EXTENT["small"]) / 2 else "small"
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     return size, shape
-
-
-def to_uint8_hwc(image) -> np.ndarray:
-    """Accept (H, W, 3) uint8 arrays or (3, H, W) tensors/arrays, uint8 or float in [0, 1]."""
-    if hasattr(image, "detach"):
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image)
-    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
-        image = np.moveaxis(image, 0, -1)
-    if image.dtype != np.uint8:
-        image = np.clip(np.round(image.astype(np.float32) * 255), 0, 255).astype(np.uint8)
-    return image
 
 
 def detect_scene(image) -> tuple:
