@@ -24,7 +24,8 @@ similarity its reward pays for; it does not raise GenEval-shapes, with this rewa
   the 2,000 val images Unified-Score 83.29 -> 83.38 (+0.09 +- 0.04), GenEval-shapes 0.9215 -> 0.9275.
 - The gain is no larger than the spread between runs. From that run's RL encoder, on the first 1,000 val
   images (start 83.78): the default run +0.17 +- 0.07; beta 0, a near-identical update (the KL term is
-  ~1e-4), +0.03 +- 0.02; lr 1e-3 -0.03 +- 0.07; timestep_fraction 0.3 for 60 steps (342 s) +0.14 +- 0.08.
+  ~1e-4), +0.03 +- 0.02; lr 1e-3 -0.03 +- 0.07; timestep_fraction 0.3 for 60 steps (342 s) +0.14 +- 0.08;
+  the default run continued to 60 steps +0.22 +- 0.08 (bench Unified-Score 85.65 against the start's 85.67).
 - GenEval-shapes (the true captions) stays where the pretrained decoder left it. The same runs, against
   the start's 0.9255 (scenes lost / gained, McNemar p): 4 captions 0.9295 (66 / 74, p 0.55); 40 captions
   0.924 (64 / 61, p 0.86); 4 captions at lr 3e-5 for 300 steps 0.9265 (29 / 31, p 0.90); the >=3-object
