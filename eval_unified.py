@@ -78,7 +78,6 @@ def load_folder_pairs(generated: str, references: str) -> tuple:
     return load_images(load(references), size), load_images(load(generated), size), names
 
 
-@torch.no_grad()
 def reconstruct(model, rt, sources, cfg, generator) -> tuple[list[str], torch.Tensor]:
     """Protocol 1: each source's caption (I2T), then the image redrawn from it (T2I)."""
     with rt.autocast():
