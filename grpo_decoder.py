@@ -148,8 +148,7 @@ def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: b
             with torch.no_grad(), M.lora_disabled(model.transformer):
                 _, _, ref_mean, _ = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond, negative, cfg.cfg_scale,
                                                          cfg.noise_level, sigmas[1], prev_sample=x_next)
-        # KL between the two step Gaussians of equal variance: |mu - mu_ref|^2 / (2 std^2), averaged over dims
-        kl = ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std.flatten() ** 2)
+        kl = M.step_kl(mean, ref_mean, step_std)
         old = traj["log_probs"][:, j]
         if check_on_policy and j == chosen[0]:
             totals["max_ratio_error"] = (torch.exp(logp.detach() - old) - 1).abs().max().item()

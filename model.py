@@ -433,6 +433,12 @@ def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample
     return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, step_std
 
 
+def step_kl(mean, ref_mean, step_std) -> torch.Tensor:
+    """Per-sample KL(N(mean, s^2 I) || N(ref_mean, s^2 I)) of two SDE steps with the same std s, averaged
+    over dimensions: |mean - ref_mean|^2 / (2 s^2) (Flow-GRPO's KL on the predicted means)."""
+    return ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std.flatten() ** 2)
+
+
 def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled_dim=32, qk_norm=None):
     """An SD3 MM-DiT sized for the VAE's latent grid (shapes scale)."""
     from diffusers import SD3Transformer2DModel

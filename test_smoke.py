@@ -697,6 +697,11 @@ def test_sde_sampler_shapes_and_cfg(tiny_uae):
     assert out["means"].shape == (2, 3) + tiny_uae.latent_shape(1)[1:]
     images = tiny_uae.decode_latents(out["latents"][:, -1])
     assert images.shape == (2, 3, shapes.CANVAS, shapes.CANVAS) and images.min() >= 0 and images.max() <= 1
+    # the guidance the sampler uses is v_neg + s (v_cond - v_neg), from separate unguided forwards
+    x, sigma, negative = out["latents"][:, 1], tiny_uae.sigmas(4)[1], tiny_uae.negative_condition(2)
+    with torch.no_grad():
+        v_cond, v_neg = tiny_uae.velocity(x, sigma, cond), tiny_uae.velocity(x, sigma, negative)
+        torch.testing.assert_close(tiny_uae.guided_velocity(x, sigma, cond, negative, 2.0), v_neg + 2.0 * (v_cond - v_neg))
     # a stochastic window: only the first step is noisy and scored, the rest are Euler ODE steps
     with torch.no_grad():
         window = tiny_uae.sample_sde(cond, steps=4, noise_level=0.7, generator=torch.Generator().manual_seed(0),
@@ -1291,6 +1296,7 @@ def test_grpo_encoder_two_process_gloo_resumes_exactly(tiny_world, tmp_path):
     run(tmp_path / "g2r", 1)
     assert "resumed from" in run(tmp_path / "g2r", 2)
     continuous, resumed = (load_file(str(tmp_path / d / "lora_llm" / "lora.safetensors")) for d in ("g2", "g2r"))
+    assert continuous and continuous.keys() == resumed.keys()
     assert all(torch.equal(continuous[k], resumed[k]) for k in continuous)  # bit for bit
 
 
@@ -1377,6 +1383,7 @@ def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
 
 def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
     import grpo_decoder
+    from safetensors.torch import load_file
     out = tmp_path / "gdec"
     args = [f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'dec'}", f"--out_dir={out}", "--captions_per_step=2",
             "--group_size=3", "--max_new_tokens=8", "--train_steps=4", "--eval_steps=2", "--eval_n=4",
@@ -1389,6 +1396,11 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
     assert error <= 1e-5 and "(<= 1e-5: ok)" in text, text  # recomputed log-probs equal the sampled ones before any update
     assert "eval step 0 overall" in text and "step 2 reward" in text and "eval step 2 overall" in text
     assert (out / "lora_transformer" / "adapter_model.safetensors").exists() and (out / "reward_curve.png").exists()
+    # the update moved the policy: LoRA B starts at 0, so step 1's KL is 0 and step 2's is not
+    rows = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0, rows
+    adapters = load_file(str(out / "lora_transformer" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapters.items()), list(adapters)
     grpo_decoder.main(args + ["--max_steps=3", "--shared_noise=True", "--advantage_std=batch"])
     text = capsys.readouterr().out
     assert "at step 2" in text and "step 3 reward" in text
@@ -1398,24 +1410,27 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
 
 
 def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
-    """KL(N(mu, s^2) || N(mu_ref, s^2)) per dimension = (mu - mu_ref)^2 / (2 s^2): check the step
-    Gaussians of a LoRA-perturbed DiT against its reference by the closed form and by torch.distributions."""
+    """model.step_kl, grpo_decoder's KL term: KL(N(mu, s^2) || N(mu_ref, s^2)) per dimension =
+    (mu - mu_ref)^2 / (2 s^2). Checked on a hand-computed case, then on the step Gaussians of a
+    LoRA-perturbed DiT against its reference (adapters off) by torch.distributions."""
+    # hand case: sample 0 differs by (1, 2) with s = 0.5 -> (1 + 4) / 2 / (2 * 0.25) = 5; sample 1 is equal
+    mean, ref = torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]]]), torch.tensor([[[0.0, 1.0]], [[2.0, 2.0]]])
+    torch.testing.assert_close(M.step_kl(mean, ref, torch.tensor(0.5).view(1, 1, 1)), torch.tensor([5.0, 0.0]))
     import copy
     model = copy.deepcopy(tiny_uae)
     params = model.add_lora("transformer", 4, 8, M.DIT_LORA_TARGETS)
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn_like(p) * 0.05)
-        cond = model.condition(["a red circle."])
+        cond = model.condition(["a red circle.", "a blue square."])
         sigmas = model.sigmas(4)
-        x = torch.randn(model.latent_shape(1))
+        x = torch.randn(model.latent_shape(2))
         _, _, mean, step_std = model.sde_transition(x, sigmas[1], sigmas[2], cond, None, 1.0, 0.7, sigmas[1])
         with M.lora_disabled(model.transformer):
             _, _, ref_mean, _ = model.sde_transition(x, sigmas[1], sigmas[2], cond, None, 1.0, 0.7, sigmas[1])
-    step_std = step_std.flatten()[0]
-    assert step_std == pytest.approx(0.7 * math.sqrt(sigmas[1] / (1 - sigmas[1])) * math.sqrt(sigmas[1] - sigmas[2]))
-    exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, step_std),
-                                              torch.distributions.Normal(ref_mean, step_std)).mean()
-    by_hand = ((mean - ref_mean) ** 2).mean() / (2 * step_std ** 2)
-    torch.testing.assert_close(exact, by_hand)
-    assert by_hand > 0
+    s = step_std.flatten()[0]
+    assert s == pytest.approx(0.7 * math.sqrt(sigmas[1] / (1 - sigmas[1])) * math.sqrt(sigmas[1] - sigmas[2]))
+    exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, s), torch.distributions.Normal(ref_mean, s))
+    kl = M.step_kl(mean, ref_mean, step_std)
+    torch.testing.assert_close(kl, exact.flatten(1).mean(1))
+    assert kl.shape == (2,) and (kl > 0).all()
