@@ -784,6 +784,32 @@ def test_pretrain_encoder_loss_drops_and_resume_continues(tiny_world, capsys, tm
     assert "is complete" in capsys.readouterr().out
 
 
+def test_pretrain_encoder_interrupted_run_resumes_bit_for_bit(tiny_world, tmp_path, monkeypatch):
+    """Killed after its step-4 checkpoint and rerun, a run ends with the same weights as one never stopped
+    (weights, optimizer, step, data order and RNG all come back)."""
+    import pretrain_encoder
+    common = [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}", f"--vae_dir={tiny_world / 'vae'}",
+              "--log_interval=100", "--eval_interval=100", "--save_interval=4", "--max_steps=8",
+              "--lr=3e-3", "--warmup=2"] + TINY_ENCODER
+    pretrain_encoder.main(common + [f"--out_dir={tmp_path / 'whole'}"])
+    calls, real = {"n": 0}, M.UAE.caption_logprobs
+
+    def killed_in_step_5(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(M.UAE, "caption_logprobs", killed_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_encoder.main(common + [f"--out_dir={tmp_path / 'cut'}"])
+    assert M.load_training_state(str(tmp_path / "cut"))["step"] == 4
+    monkeypatch.setattr(M.UAE, "caption_logprobs", real)
+    pretrain_encoder.main(common + [f"--out_dir={tmp_path / 'cut'}"])
+    whole, cut = (M.UAE.load(str(tmp_path / d)).llm.state_dict() for d in ("whole", "cut"))
+    assert whole and whole.keys() == cut.keys()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
 def test_non_finite_loss_skips_then_stops_with_the_checkpoint_kept(tiny_world, capsys, tmp_path, monkeypatch):
     import pretrain_encoder
     common = [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}", f"--vae_dir={tiny_world / 'vae'}",
