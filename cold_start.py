@@ -89,6 +89,7 @@ def main(argv=None):
     t0, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
+        reward_fn.load_cache(M.own_rank(state.get("rank_state")))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
     while step < cfg.max_steps:
         idx = torch.randint(0, len(train), (local_batch,))
@@ -121,7 +122,7 @@ def main(argv=None):
                      f"ce {M.all_reduce_mean(ce.detach()).item():.4f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg),
-                              {"decoder": [m.state_dict() for m in decoder]})
+                              {"decoder": [m.state_dict() for m in decoder]}, rank_state=reward_fn.cache_state())
     bar.close()
     M.end_run(rt, step, t0)
 

@@ -210,6 +210,7 @@ def main(argv=None):
         probe(model, rt, val_captions, val_scenes, cfg, step)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
+        reward_fn.load_cache(M.own_rank(state.get("rank_state")))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_decoder")
     while step < cfg.max_steps:
         t0 = time.time()
@@ -242,7 +243,8 @@ def main(argv=None):
         if rt.master and val_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             history[-1]["probe"] = probe(model, rt, val_captions, val_scenes, cfg, step)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), history=history)
+            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), history=history,
+                              rank_state=reward_fn.cache_state())
     bar.close()
     M.end_run(rt, step, t_start)
 

@@ -174,6 +174,7 @@ def main(argv=None):
     t_start, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         M.set_rng_state(state["rng"])
+        reward_fn.load_cache(M.own_rank(state.get("rank_state")))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_encoder")
     while step < cfg.max_steps:
         t0 = time.time()
@@ -208,7 +209,8 @@ def main(argv=None):
             rt.print(f"eval step {step} " + shapes.format_report(report)
                      + f" | {report['example']}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), history=history)
+            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), history=history,
+                              rank_state=reward_fn.cache_state())
     bar.close()
     M.end_run(rt, step, t_start)
 

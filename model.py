@@ -143,16 +143,27 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def gather_ranks(obj) -> list:
+    """obj from every rank, in rank order: a collective (every rank calls it)."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def own_rank(states: list | None):
+    """This rank's entry of a gather_ranks list saved in a checkpoint; None if there is none for it (no
+    list, or one written by a different number of ranks)."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    return states[rank] if isinstance(states, list) and len(states) == world else None
+
+
 def rng_states() -> list[dict]:
     """Every rank's RNG state, in rank order: a collective (save_checkpoint calls it on every rank).
     Resuming gives each rank its own streams back; saving the master's alone would hand rank 0's streams
     to every rank, so they would all draw the same batches."""
-    state = rng_state()
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+    return gather_ranks(rng_state())
 
 
 def set_rng_state(states: list[dict] | dict):
@@ -160,12 +171,12 @@ def set_rng_state(states: list[dict] | dict):
     numbers too (LoRA inits, building a reward backbone), and a continuous run drew those before its
     first step. A checkpoint written by a different number of ranks (or before checkpoints held one state
     per rank: a dict) keeps the fresh seed + rank streams."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     states = [states] if isinstance(states, dict) else states
-    if len(states) != world:
+    state = own_rank(states)
+    if state is None:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         print(f"rank {rank}: checkpoint RNG from {len(states)} rank(s), running {world}: keeping fresh RNG streams")
         return
-    state = states[rank]
     random.setstate(state["python"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -252,18 +263,21 @@ class NonFiniteGuard:
 
 
 def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict,
-                    extra: dict | None = None, history: list[dict] | None = None):
+                    extra: dict | None = None, history: list[dict] | None = None, rank_state=None):
     """Atomically write weights (model.save), optimizer, step, config and every rank's RNG state into
     out_dir. Every rank calls it (gathering the RNG states is a collective); rank 0 alone writes. An RL
-    run's per-step `history` also goes in, as log.jsonl and reward_curve.png."""
+    run's per-step `history` also goes in, as log.jsonl and reward_curve.png; `rank_state` is what each
+    rank keeps for itself (the reward's source-feature cache), saved as a list in rank order."""
     from data import plot_curve
     rng = rng_states()
+    per_rank = gather_ranks(rank_state) if rank_state is not None else None
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     with atomic_dir(out_dir) as tmp:
         model.save(tmp, trained)
         torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng,
-                    "history": history, **(extra or {})}, os.path.join(tmp, "training_state.pt"))
+                    "rank_state": per_rank, "history": history, **(extra or {})},
+                   os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         if history is not None:

@@ -172,6 +172,17 @@ class ReconstructionReward:
     def reconstruction_reward(self, x: torch.Tensor, x_hat: torch.Tensor, keys: Sequence[Hashable]) -> torch.Tensor:
         return cosine(self.source_features(x, keys), self.backbone(x_hat))
 
+    # A source's features depend, at float rounding, on the batch it was first embedded in, so a resumed
+    # run matches an uninterrupted one bit for bit only with the same cache: it goes in the checkpoint.
+    def cache_state(self) -> dict:
+        keys = list(self.cache)
+        return {"keys": keys, "features": torch.stack([self.cache[k] for k in keys]).cpu() if keys else torch.empty(0)}
+
+    def load_cache(self, state: dict | None):
+        """Restore cache_state() (None: start empty, e.g. a checkpoint from another number of ranks)."""
+        if state is not None:
+            self.cache = dict(zip(state["keys"], state["features"].to(self.backbone.device)))
+
 
 ADVANTAGE_STD = ("group", "batch")  # what group_advantages may normalise by
 
