@@ -1402,6 +1402,13 @@ def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
     assert set(results["unification"]) == {"unified_score", "scene_f1"}
     assert len(results["clip"]["scores"]) == 8 and len(os.listdir(tmp_path / "reconstructions")) == 8
     assert (tmp_path / "grid.png").exists() and len((tmp_path / "captions.jsonl").read_text().splitlines()) == 8
+    # the tables are those of the written captions and scores, not just the right keys
+    texts = [json.loads(l)["caption"] for l in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    report = shapes.caption_report(texts, shapes.scenes_of(read_jsonl(str(tiny_world / "bench.jsonl"))))
+    assert results["understanding"] == pytest.approx(report, nan_ok=True)  # nan: an untrained encoder states nothing
+    scores = list(results["clip"]["scores"].values())
+    assert results["unified_score"] == pytest.approx(100 * sum(scores) / len(scores)) == pytest.approx(100 * results["clip"]["average"])
+    assert 0 <= results["unification"]["scene_f1"] <= 1 and all(0 <= v <= 1 for v in results["generation"].values())
     clash = tmp_path / "clash.jsonl"  # reconstructions are stored by file name: two sources may not share one
     clash.write_text('{"image": "a/0.png", "caption": "x"}\n{"image": "b/0.png", "caption": "y"}\n')
     with pytest.raises(DataError, match=r"clash.jsonl:2: image file name 0.png is also used at .*clash.jsonl:1"):
