@@ -204,10 +204,8 @@ def main(argv=None):
                      f"kl {row['kl']:.4f} drift {row['drift']:.5f} clip {row['clip_fraction']:.3f} len {row['caption_length']:.1f} "
                      f"loss {row['loss']:.4f} time {row['seconds']:.1f}s | {out['captions'].texts[0]}")
         if rt.master and probe_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            report = shapes.probe_captioner(model, rt, probe_images, probe_scenes, cfg.max_new_tokens)
+            report = shapes.probe_captioner(model, rt, probe_images, probe_scenes, cfg.max_new_tokens, step)
             history[-1]["probe"] = {k: v for k, v in report.items() if k != "example"}
-            rt.print(f"eval step {step} " + shapes.format_report(report)
-                     + f" | {report['example']}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), history=history,
                               rank_state=reward_fn.cache_state())

@@ -150,9 +150,7 @@ def main(argv=None):
                      f"elapsed {time.time() - t0:.0f}s")
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if rt.master and val_scenes is not None:
-                report = shapes.probe_captioner(model, rt, val_images, val_scenes, cfg.max_new_tokens, batch_size=64)
-                rt.print(f"eval step {step} " + shapes.format_report(report)
-                         + f" | {report['example']}")
+                shapes.probe_captioner(model, rt, val_images, val_scenes, cfg.max_new_tokens, step, batch_size=64)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg))
     bar.close()

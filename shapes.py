@@ -256,15 +256,18 @@ def caption_report(texts: list[str], scenes: list[tuple]) -> dict:
             "precision": ratio("found", "mentions"), "caption_length": totals["words"] / len(texts)}
 
 
-
-def probe_captioner(model, rt, images, scenes, max_new_tokens: int, batch_size: int = 0) -> dict:
-    """caption_report of a UAE's greedy captions of `images`, plus the first caption as an example: the
-    periodic probe of the encoder stages. The model is left in train mode, where the loops keep it."""
+def probe_captioner(model, rt, images, scenes, max_new_tokens: int, step: int, batch_size: int = 0) -> dict:
+    """caption_report of a UAE's greedy captions of `images`, plus the first caption as an example, printed
+    as one `eval step` line: the periodic probe of the encoder stages. The model is left in train mode,
+    where the loops keep it."""
     model.eval()
     with rt.autocast():
         texts = model.describe(images, max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
     model.train()
-    return caption_report(texts, scenes) | {"example": texts[0]}
+    report = caption_report(texts, scenes) | {"example": texts[0]}
+    rt.print(f"eval step {step} " + format_report(report) + f" | {report['example']}")
+    return report
+
 
 GENERATION_CATEGORIES = ("objects", "color", "shape", "size", "position", "count")
 
