@@ -7,9 +7,13 @@ are exact oracles:
     render(scene) -> image             detect_scene(image) -> scene
     long_caption(scene) -> text        parse_caption(text) -> scene
     short_caption(scene, rng) -> text  (under-describes: small objects are rarely mentioned)
+    partial_caption(scene, rng) -> text  (a long caption with details left out)
 
-Long captions are the decoder's training text (the paper's 250-word "long-context" captions); short
-captions are the base encoder's (web alt-text that omits small things, the gap UAE's RL closes).
+Complete long captions are the ground truth of GenEval-shapes (the paper's 250-word "long-context"
+captions); short captions are the base encoder's (web alt-text that omits small things, the gap UAE's
+RL closes). The decoder learns from a mix of all three styles, as a T2I model learns from web text, so
+it draws something sensible for any caption and guesses what a caption leaves out (DESIGN §6).
+Splits are disjoint as scenes (`scene_key`, jitter ignored): `check_disjoint` proves it.
 """
 import random
 from collections import deque
@@ -35,6 +39,8 @@ CELL_CENTERS = (CELL // 2, CELL + CELL // 2, 2 * CELL + CELL // 2)
 CELL_EDGES = (0, CELL, 2 * CELL, CANVAS)  # pixel ranges of the three rows/columns
 SHORT_MENTION_P = {"large": 0.7, "small": 0.1}  # DESIGN §6: large often, small about 1 in 10
 SHORT_ATTRIBUTE_P = 0.3  # chance that a short caption states the size / the position of a mention
+PARTIAL_P = 0.5  # partial long captions: chance of stating each small object, each size, each position
+WINDOW_OBJECTS = 6  # the decoder's text window fits the long caption of any scene of this many objects
 CAPTION_PROMPT = "describe this image in detail."  # the encoder's instruction (the paper's: "Given an input image, generate a textual description ...")
 
 
@@ -77,6 +83,41 @@ def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 4)
     kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
     return canonical(Obj(pos, color, shape, rng.choice(SIZES), rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER))
                      for pos, (color, shape) in zip(cells, kinds))
+
+
+def scene_key(scene: tuple) -> tuple:
+    """A scene's identity: its objects without the rendering jitter (Obj compares without dx, dy)."""
+    return tuple(Obj(o.pos, o.color, o.shape, o.size) for o in canonical(scene))
+
+
+def sample_disjoint(rng: random.Random, n: int, taken: set, min_objects: int = 1, max_objects: int = 4) -> list[tuple]:
+    """n scenes, none equal (scene_key) to one in `taken` or to each other; adds their keys to `taken`.
+    Held-out splits are drawn this way after train, so they never repeat a training scene (with 20,000
+    training scenes of 1-4 objects every one-object scene is in train, so held-out scenes have 2-4)."""
+    scenes, tries = [], 0
+    while len(scenes) < n:
+        tries += 1
+        if tries > 1000 * (n + 1):
+            raise RuntimeError(f"sample_disjoint: cannot find {n} new scenes ({len(taken)} taken)")
+        scene = sample_scene(rng, min_objects, max_objects)
+        if scene_key(scene) not in taken:
+            taken.add(scene_key(scene))
+            scenes.append(scene)
+    return scenes
+
+
+def check_disjoint(splits: dict[str, list[tuple]]) -> dict[str, int]:
+    """The number of scenes each pair of splits shares (jitter ignored), and the repeats within each
+    held-out split; raises if any is nonzero outside train. prepare.py runs it; the tests call it."""
+    keys = {name: [scene_key(s) for s in scenes] for name, scenes in splits.items()}
+    sets = {name: set(k) for name, k in keys.items()}
+    names = list(splits)
+    overlaps = {f"{a}&{b}": len(sets[a] & sets[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    overlaps |= {f"{a} repeats": len(keys[a]) - len(sets[a]) for a in names if a != "train"}
+    bad = {k: v for k, v in overlaps.items() if v}
+    if bad:
+        raise ValueError(f"splits overlap (scenes equal up to jitter): {bad}")
+    return overlaps
 
 
 def rejitter(scene: tuple, rng: random.Random) -> tuple:
@@ -132,6 +173,23 @@ def short_caption(scene: tuple, rng: random.Random) -> str:
                      o.size if rng.random() < SHORT_ATTRIBUTE_P else None)
                  for o in scene if rng.random() < SHORT_MENTION_P[o.size]]
     return _join([_phrase(o) for o in mentioned])
+
+
+def partial_caption(scene: tuple, rng: random.Random) -> str:
+    """A long caption with details left out: every large object, each small one with probability
+    PARTIAL_P; each stated object's size and position each with probability PARTIAL_P (DESIGN §6)."""
+    mentioned = [Obj(o.pos if rng.random() < PARTIAL_P else None, o.color, o.shape,
+                     o.size if rng.random() < PARTIAL_P else None)
+                 for o in scene if o.size == "large" or rng.random() < PARTIAL_P]
+    return _join([_phrase(o) for o in mentioned])
+
+
+def longest_long_caption(n_objects: int) -> str:
+    """The longest long caption of any n-object scene (in words and tokens): every object large, at the
+    positions with the most words. It sizes the decoder's text window (WINDOW_OBJECTS)."""
+    cells = sorted(POSITIONS, key=lambda p: -len(p.split()))[:n_objects]
+    kinds = [(c, k) for c in sorted(COLORS, key=len, reverse=True) for k in sorted(SHAPES, key=len, reverse=True)]
+    return long_caption(canonical(Obj(p, c, k, "large") for p, (c, k) in zip(cells, kinds)))
 
 
 def parse_caption(text: str) -> tuple:
@@ -297,9 +355,21 @@ def generation_report(images, targets: list[tuple]) -> dict:
             "overall_3plus": mean(big, "overall")}
 
 
+def mentioned_object_recall(texts: list[str], images) -> float:
+    """Of the objects the captions mention (colour + shape), the fraction their images contain: does the
+    decoder draw what a caption states, however little it states? Micro-averaged."""
+    found = total = 0
+    for text, image in zip(texts, images, strict=True):
+        drawn = {(o.color, o.shape) for o in detect_scene(image)}
+        mentions = [(m.color, m.shape) for m in parse_caption(text)]
+        found += sum(m in drawn for m in mentions)
+        total += len(mentions)
+    return found / total if total else float("nan")
+
+
 def format_report(report: dict) -> str:
-    """A report as one log line, `name value` per metric to 3 decimals (text entries, a caption example, left out)."""
-    return " ".join(f"{k} {v:.3f}" for k, v in report.items() if not isinstance(v, str))
+    """A report as one log line, `name value` per number to 3 decimals (texts, per-image dicts, None left out)."""
+    return " ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, (int, float)))
 
 
 def scene_f1(a: tuple, b: tuple) -> float:
