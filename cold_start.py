@@ -1,14 +1,17 @@
 """Unified-GRPO stage 1, cold start: gently tie encoder and decoder with a semantic reconstruction loss.
 
-The LLM reads image + instruction + its own caption; the hidden states at the caption positions go
-through the projector into a few-step sampler run WITH gradients; the reconstruction is scored by
-the reward backbone. Loss (DESIGN §4.3):
+The encoder captions each image; the caption's TEXT goes through a fresh generate-role turn of the same
+LLM, exactly as inference encodes it, then through the projector into a few-step sampler run WITH
+gradients; the reconstruction is scored by the reward backbone. Loss (DESIGN §4.3):
 
     L = mean(1 - cos(f(x_hat), f(x)))  +  ce_weight * CE(caption tokens)
 
 f(x) is fixed (no grad); the gradient flows through the sampler into the DiT, the projector and the
-LLM's LoRA. The sampler is unguided: its condition is the caption tokens' own states, not the padded
-generate turn that the empty prompt's negative condition has, so there is no matching negative. The
+LLM's LoRA (through its encoding of the caption text). The text is the auto-encoder's only channel: the
+hidden states of the captioning pass attend to the image tokens, and conditioning on them would let
+image information reach the decoder around the caption, which inference never allows
+(`decoder_condition`; a test checks that two images with the same caption condition the decoder
+identically). The sampler is unguided (CFG would double the cost of the differentiable sampler). The
 captions are the encoder's own samples, so the cross-entropy keeps captioning as it was (no new text is
 taught here: what to say is left to RL). Learning rates are small and the run is short: this stage
 initialises, it does not solve.
@@ -55,6 +58,12 @@ config = dict(
 )
 
 
+def decoder_condition(model, captions: M.Captions) -> torch.Tensor:
+    """What the decoder sees of an image: only its caption's text, encoded by a generate-role turn of the
+    LLM (gradients on), as at inference. Never the captioning pass's states, which saw the image."""
+    return model.condition(captions.texts, allow_cut=True)
+
+
 def main(argv=None):
     cfg = configure(config, argv)
     rt, state = M.start_run(cfg)
@@ -84,7 +93,6 @@ def main(argv=None):
     reward_fn = ReconstructionReward(backbone)
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
     images = load_images(train)
-    caption_offset = model.generate_prefix_tokens()  # caption states get the positions a generate turn gives them
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     t0, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
@@ -99,8 +107,8 @@ def main(argv=None):
             captions = model.caption(x, 1, cfg.temperature, cfg.max_new_tokens)  # the encoder's own words
         model.train()
         with rt.autocast(training=True):
-            logp, hidden = model.caption_logprobs(captions.prompt, captions.ids, 1.0, return_hidden=True)
-            cond = model.project(hidden, offset=caption_offset)
+            logp = model.caption_logprobs(captions.prompt, captions.ids, 1.0)
+            cond = decoder_condition(model, captions)
             x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps))
         source = reward_fn.source_features(x.float().div(255).to(rt.device), idx.tolist())
         similarity = cosine(backbone(x_hat), source)

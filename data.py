@@ -57,7 +57,7 @@ def load_image(record: dict, size: int | None = None) -> np.ndarray:
             im = im.convert("RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.BICUBIC)
-            return np.asarray(im)
+            return np.array(im)  # writable: torch.from_numpy in the processors warns on read-only arrays
     except (OSError, ValueError) as e:  # missing file, truncated or not an image
         raise DataError(f"{record['where']}: cannot read image {record['image_path']} ({e})") from None
 

@@ -113,7 +113,7 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
     t0 = time.time()
     with rt.autocast():
         texts = model.caption(images, 1, cfg.temperature, cfg.max_new_tokens, greedy=cfg.greedy_captions).texts
-        cond = model.condition(texts).repeat_interleave(cfg.group_size, 0)
+        cond = model.condition(texts, allow_cut=True).repeat_interleave(cfg.group_size, 0)
         negative = model.negative_condition(len(cond)) if cfg.cfg_scale != 1.0 else None
     t1 = time.time()
     with rt.autocast():

@@ -87,7 +87,7 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
     t1 = time.time()
     with M.lora_disabled(model.llm), rt.autocast():  # the decoder's text encoder stays frozen
         anchor_texts = captions.texts + [""]  # the captions and the CFG negative prompt
-        reference = model.condition(anchor_texts)
+        reference = model.condition(anchor_texts, allow_cut=True)
         cond = reference[:-1]
         negative = reference[-1:].expand(len(cond), -1, -1) if cfg.cfg_scale != 1.0 else None
         recon = model.decode_latents(model.sample_ode(cond, cfg.decode_steps, cfg.cfg_scale, negative))
@@ -107,7 +107,7 @@ def condition_drift(model, rt, texts, reference) -> torch.Tensor:
     GenEval-shapes from the true captions fell 0.44 -> 0.16 after 120 steps while the reward rose;
     with anchor_weight 1 it ended at 0.38 (relative drift 0.002)."""
     with rt.autocast():
-        cond = model.condition(texts).float()
+        cond = model.condition(texts, allow_cut=True).float()
     return ((cond - reference.float()) ** 2).mean() / reference.float().pow(2).mean()
 
 

@@ -494,6 +494,7 @@ class UAE(nn.Module):
         self.register_buffer("text_shift", torch.zeros(h))
         self.register_buffer("text_scale", torch.ones(h))
         self.max_text_tokens, self.caption_prompt = max_text_tokens, caption_prompt
+        self.turns_cut = 0  # the model's own captions cut to the text window so far (text_tokens)
         self.prediction = "velocity"  # what the DiT outputs: "velocity" (SD3) or "sample" (x0; see velocity())
         self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
         self.lora = {}  # part -> {"r", "alpha"} of the adapters injected into llm / transformer
@@ -686,15 +687,23 @@ class UAE(nn.Module):
 
     def caption_cap(self, max_new_tokens: int = 0) -> int:
         """Caption length to generate: 0 = the decoder's window, max_text_tokens minus the generate-turn
-        prefix. Longer caps are refused: text past the window never reaches the decoder, so the
-        reconstruction reward cannot see it (measured: grpo_encoder with a 64-token cap learned to
-        ramble past the 38 tokens the decoder reads, caption precision 0.75)."""
-        window = self.max_text_tokens - self.generate_prefix_tokens()
+        prefix and its closing <|im_end|>, so that any caption the encoder writes, even one stopped by
+        the cap, fits the decoder's window whole (text_hidden_states refuses what does not). Longer caps
+        are refused: text past the window never reaches the decoder, so the reconstruction reward cannot
+        see it (measured: grpo_encoder with a 64-token cap on a 40-token window learned to ramble past the
+        window, caption precision 0.75). A caption stopped by the cap is counted (captions_cut)."""
+        window = self.max_text_tokens - self.generate_prefix_tokens() - 1
         if max_new_tokens > window:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the {window} caption tokens the decoder reads "
                              f"(max_text_tokens={self.max_text_tokens} in the checkpoint's model.json, minus the "
-                             f"generate-turn prefix); use 0 for the full window")
+                             f"generate-turn prefix and closing token); use 0 for the full window")
         return max_new_tokens or window
+
+    def captions_cut(self, texts: list[str], max_new_tokens: int = 0) -> int:
+        """How many caption texts the length cap stopped before their eos: a caption that ended has at most
+        cap - 1 tokens besides its eos. Nothing is cut silently: eval_unified reports this count."""
+        cap = self.caption_cap(max_new_tokens)
+        return sum(len(ids) >= cap for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     def sampling_options(self, temperature: float = 0.7, max_new_tokens: int = 0, greedy: bool = False) -> dict:
         """llm.generate's settings for captions, every sampling knob explicit. generate's own arguments
@@ -727,17 +736,15 @@ class UAE(nn.Module):
         return [text for i in range(0, len(images), step)
                 for text in self.caption(images[i:i + step], 1, temperature, max_new_tokens, greedy).texts]
 
-    def caption_logprobs(self, prompt: dict, ids: torch.Tensor, temperature: float = 0.7, return_hidden: bool = False):
-        """Teacher-forced (N, L) fp32 log-probs of completion `ids` after `prompt` (gradients on); with
-        return_hidden also the last-layer hidden states at the completion positions (cold start)."""
-        n_prompt, n_new = prompt["input_ids"].shape[1], ids.shape[1]
+    def caption_logprobs(self, prompt: dict, ids: torch.Tensor, temperature: float = 0.7):
+        """Teacher-forced (N, L) fp32 log-probs of completion `ids` after `prompt` (gradients on)."""
+        n_new = ids.shape[1]
         inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], ids], 1),
                       attention_mask=torch.cat([prompt["attention_mask"], torch.ones_like(ids)], 1))
         if "mm_token_type_ids" in prompt:
             inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1)
-        out = self.llm(**inputs, logits_to_keep=n_new + 1, output_hidden_states=return_hidden)
-        logp = self.token_logprobs(out.logits[:, :-1], ids, temperature)
-        return (logp, out.hidden_states[-1][:, n_prompt:]) if return_hidden else logp
+        out = self.llm(**inputs, logits_to_keep=n_new + 1)
+        return self.token_logprobs(out.logits[:, :-1], ids, temperature)
 
     def token_logprobs(self, logits, ids, temperature: float) -> torch.Tensor:
         """log softmax(logits / T) at the chosen ids, in fp32, over the allowed vocabulary."""
@@ -747,34 +754,57 @@ class UAE(nn.Module):
 
     # ------------------------------------------------------------------ generation: caption -> image
 
-    def text_hidden_states(self, texts: list[str]) -> torch.Tensor:
-        """Last-layer LLM hidden states of every token of a `generate`-role chat turn holding the caption,
-        padded to max_text_tokens (fixed, like SD3's T5 sequence, so a caption's conditioning never
-        depends on what else is in the batch). Longer turns are cut at max_text_tokens, as SD3 cuts
-        T5's: the decoder cannot read further (shapes: 40 tokens, the longest 4-object turn takes 39)."""
-        chats = [self.tokenizer.apply_chat_template([{"role": "generate", "content": t}], tokenize=False) for t in texts]
-        enc = self.tokenizer(chats, padding="max_length", max_length=self.max_text_tokens, truncation=True,
-                             return_tensors="pt", padding_side="right").to(self.device)
+    def generate_turns(self, texts: list[str]) -> list[str]:
+        return [self.tokenizer.apply_chat_template([{"role": "generate", "content": t}], tokenize=False) for t in texts]
+
+    def turn_lengths(self, texts: list[str]) -> list[int]:
+        """Tokens of each caption's generate-role turn: what must fit max_text_tokens."""
+        return [len(ids) for ids in self.tokenizer(self.generate_turns(texts))["input_ids"]]
+
+    def text_tokens(self, texts: list[str], allow_cut: bool = False) -> dict:
+        """The generate-role chat turns holding the captions, right-padded to max_text_tokens (fixed, like
+        SD3's T5 sequence, so a caption's conditioning never depends on what else is in the batch). A turn
+        longer than the window is an error, never cut silently: the decoder could not read its tail.
+        allow_cut (for the model's own captions, which caption_cap keeps inside the window but whose text a
+        BPE tokenizer may re-encode a token or two longer): cut them to the window and count them in
+        self.turns_cut, which eval_unified reports."""
+        enc = self.tokenizer(self.generate_turns(texts))
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        over = [i for i, n in enumerate(lengths) if n > self.max_text_tokens]
+        if over and not allow_cut:
+            raise ValueError(f"{len(over)} of {len(texts)} captions exceed the decoder's window of max_text_tokens="
+                             f"{self.max_text_tokens} (e.g. {lengths[over[0]]} tokens, {texts[over[0]][:80]!r}...): "
+                             f"shorten them or use a decoder trained with a longer window")
+        self.turns_cut += len(over)
+        for key in enc:
+            enc[key] = [row[:self.max_text_tokens] for row in enc[key]]
+        enc = self.tokenizer.pad(enc, padding="max_length", max_length=self.max_text_tokens, return_tensors="pt",
+                                 padding_side="right")
+        return enc.to(self.device)
+
+    def text_hidden_states(self, texts: list[str], allow_cut: bool = False) -> torch.Tensor:
+        """Last-layer LLM hidden states of every token of each caption's generate-role turn (text_tokens).
+        The caption's text is the decoder's only input: inference, cold start and RL all condition this way."""
+        enc = self.text_tokens(texts, allow_cut)
         return self.llm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
 
-    def condition(self, texts: list[str]) -> torch.Tensor:
+    def condition(self, texts: list[str], allow_cut: bool = False) -> torch.Tensor:
         """Caption -> DiT encoder_hidden_states (B, max_text_tokens, joint_attention_dim)."""
-        return self.project(self.text_hidden_states(texts))
+        return self.project(self.text_hidden_states(texts, allow_cut))
 
     def decoder_modules(self) -> list[nn.Module]:
         """What the decoder trains on top of the frozen LLM: text positions (if any), projector, DiT."""
         return [m for m in (self.text_positions, self.projector, self.transformer) if m is not None]
 
-    def project(self, hidden: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """LLM hidden states (B, T, h) -> DiT encoder_hidden_states (B, T, joint_attention_dim). `offset`
-        is the index of hidden[:, 0] in a generate-role turn (cold start feeds caption tokens only)."""
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LLM hidden states (B, T, h) of generate-role turns -> DiT encoder_hidden_states (B, T, joint_attention_dim)."""
         hidden = (hidden - self.text_shift.to(hidden.dtype)) * self.text_scale.to(hidden.dtype)
         if self.text_positions is not None:
             table = self.text_positions.weight
-            if offset + hidden.shape[1] > table.shape[0]:
-                raise ValueError(f"{hidden.shape[1]} text tokens at offset {offset} exceed the decoder's "
-                                 f"{table.shape[0]} text positions (max_text_tokens)")
-            hidden = hidden + table[offset:offset + hidden.shape[1]].to(hidden.dtype)
+            if hidden.shape[1] > table.shape[0]:
+                raise ValueError(f"{hidden.shape[1]} text tokens exceed the decoder's {table.shape[0]} text "
+                                 f"positions (max_text_tokens)")
+            hidden = hidden + table[:hidden.shape[1]].to(hidden.dtype)
         return self.projector(hidden)
 
     def generate_prefix_tokens(self) -> int:
@@ -874,12 +904,13 @@ class UAE(nn.Module):
 
     @torch.no_grad()
     def generate(self, texts: list[str], steps: int = 20, cfg_scale: float = 1.0, negative_prompt: str = "",
-                 generator=None, batch_size: int = 0) -> torch.Tensor:
-        """Text -> images in [0, 1]: condition, Euler ODE, VAE decode; batch_size texts per pass (0 = all)."""
+                 generator=None, batch_size: int = 0, allow_cut: bool = False) -> torch.Tensor:
+        """Text -> images in [0, 1]: condition, Euler ODE, VAE decode; batch_size texts per pass (0 = all).
+        allow_cut: the texts are the model's own captions (text_tokens)."""
         if 0 < batch_size < len(texts):
-            return torch.cat([self.generate(texts[i:i + batch_size], steps, cfg_scale, negative_prompt, generator)
-                              for i in range(0, len(texts), batch_size)])
-        cond = self.condition(texts)
+            return torch.cat([self.generate(texts[i:i + batch_size], steps, cfg_scale, negative_prompt, generator,
+                                            allow_cut=allow_cut) for i in range(0, len(texts), batch_size)])
+        cond = self.condition(texts, allow_cut)
         negative = self.negative_condition(len(texts), negative_prompt) if cfg_scale != 1.0 else None
         return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))
 

@@ -1,7 +1,13 @@
-"""Stage 2: flow-matching pretraining of projector + MM-DiT on LONG captions, the LLM frozen.
+"""Stage 2: flow-matching pretraining of projector + MM-DiT on a caption corpus, the LLM frozen.
 
 The decoder learns to turn the LLM's hidden states of a `generate`-role caption into an image; the
-paper pretrains it on 700K long captions so it can follow fine-grained text (DESIGN §4.2).
+paper pretrains it on 700K long captions so it can follow fine-grained text (DESIGN §4.2). On the shapes
+world the corpus mixes caption styles of the same images (`captions`): complete long captions, partial
+ones that leave details out, and short alt-text, as a T2I model learns from web text. So the decoder
+draws a sensible image from any caption, the base captioner's included, and what a caption leaves out
+is its guess (trained only on complete long captions it drew almost nothing for short ones: the base
+Unified-Score was 6.59). Every training caption must fit the text window (max_text_tokens): a longer
+one is an error naming its file and line, never cut.
 
     python pretrain_decoder.py
     torchrun --standalone --nproc_per_node=2 pretrain_decoder.py
@@ -56,6 +62,7 @@ from data import load_images, read_jsonl
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
+    captions="caption:0.4,partial_caption:0.35,short_caption:0.25",  # the corpus: JSONL caption fields and their sampling weights (paper: caption:1)
     init_from="out/pretrain_encoder",  # UAE checkpoint whose LLM conditions the decoder, or "pretrained" (paper)
     qwen_dir="",  # with init_from="pretrained": local Qwen2.5-VL-3B-Instruct directory
     sd3_dir="",  # with init_from="pretrained": local SD3.5-Large diffusers pipeline directory
@@ -73,7 +80,7 @@ config = dict(
     qk_norm="rms_norm",  # RMSNorm on queries and keys, as in SD3.5 ("" = none, as in SD3)
     joint_dim=128,  # projector output = DiT encoder_hidden_states width
     projector_hidden=512,  # projector MLP width (paper: 8192)
-    max_text_tokens=40,  # with new_decoder: tokens of the generate turn the decoder reads (4-object turns take <= 39; docstring)
+    max_text_tokens=56,  # with new_decoder: tokens of the generate turn the decoder reads (6-object long captions take <= 55)
     text_positions=True,  # with new_decoder: learned text-position embedding into the projector (model.replace_decoder)
     prediction="sample",  # with new_decoder: the DiT outputs x0 ("sample") or the velocity ("velocity", SD3); see model.velocity
     # optimisation
@@ -102,6 +109,39 @@ config = dict(
     threads=0,  # torch CPU threads (0 = default)
     compile=True,  # torch.compile the training loss (measured here, math kernel: 146 -> 88 ms per step of 64; 35-55 s to compile)
 )
+
+
+def caption_mix(spec: str) -> dict[str, float]:
+    """'field:weight,...' -> {field: probability}; weights must be positive."""
+    mix = {}
+    for item in spec.split(","):
+        field, _, weight = item.strip().partition(":")
+        try:
+            mix[field] = float(weight or 1)
+        except ValueError:
+            raise ValueError(f"captions={spec!r}: '{item}' is not field:weight") from None
+        if not field or mix[field] <= 0:
+            raise ValueError(f"captions={spec!r}: '{item}' needs a field name and a positive weight")
+    total = sum(mix.values())
+    return {k: v / total for k, v in mix.items()}
+
+
+def corpus(model, records: list[dict], mix: dict[str, float]) -> dict[str, list[str]]:
+    """Each mixed field's caption of every record; a missing or empty one, or one longer than the
+    decoder's window, is an error naming the record's file:line."""
+    texts = {}
+    for field in mix:
+        for r in records:
+            if not (isinstance(r.get(field), str) and r[field].strip()):
+                raise ValueError(f"{r['where']}: missing or empty \"{field}\" (captions mixes it)")
+        texts[field] = [r[field] for r in records]
+        lengths = model.turn_lengths(texts[field])
+        over = [i for i, n in enumerate(lengths) if n > model.max_text_tokens]
+        if over:
+            raise ValueError(f"{records[over[0]]['where']}: \"{field}\" takes {lengths[over[0]]} tokens, more than "
+                             f"max_text_tokens={model.max_text_tokens} ({len(over)} such captions in all); "
+                             f"raise max_text_tokens")
+    return texts
 
 
 @torch.no_grad()
@@ -159,10 +199,14 @@ def flow_matching_loss(model, x0, hidden, sigma, noise, loss_space: str) -> torc
 
 
 @torch.no_grad()
-def probe(model, rt, captions, scenes, cfg, generator) -> dict:
+def probe(model, rt, val, scenes, cfg, generator) -> dict:
+    """GenEval-shapes from the val scenes' complete long captions, and the mentioned-object recall from
+    their short captions (does the decoder draw what a base-style caption names?)."""
     with rt.autocast():
-        images = model.generate(captions, cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=50)
-    return shapes.generation_report(images, scenes)
+        images = model.generate([r["caption"] for r in val], cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=50)
+        short = model.generate([r["short_caption"] for r in val], cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=50)
+    return shapes.generation_report(images, scenes) | {
+        "short_mentioned_recall": shapes.mentioned_object_recall([r["short_caption"] for r in val], short)}
 
 
 @torch.no_grad()
@@ -242,17 +286,22 @@ def main(argv=None):
     # ---- data
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
-    captions = [r["caption"] for r in train]
+    mix = caption_mix(cfg.captions)
+    captions = corpus(model, train, mix)  # field -> one caption per record
+    fields, weights = list(mix), torch.tensor(list(mix.values()))
     val_captions = [r["caption"] for r in val]
     # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5 "scene")
     val_scenes = shapes.scenes_of(val)
     size = cfg.image_size or None  # None: as stored
     t0 = time.time()
     if cfg.cache_features:  # the LLM and VAE are frozen: their outputs are fixed, compute them once
-        latents, hidden = latents_of(model, rt, load_images(train, size)), text_features(model, rt, captions)
+        latents = latents_of(model, rt, load_images(train, size))
+        hidden = torch.stack([text_features(model, rt, captions[f]) for f in fields])  # (fields, N, T, h)
         rt.print(f"cached {tuple(latents.shape)} latents and {tuple(hidden.shape)} text states in {time.time() - t0:.0f}s")
     if cfg.new_decoder or cfg.init_from == "pretrained":  # a fresh projector: standardise what it reads
-        set_text_stats(model, rt, hidden[:2000] if cfg.cache_features else text_features(model, rt, captions[:2000]))
+        sample = hidden[:, :2000].flatten(0, 1) if cfg.cache_features else \
+            text_features(model, rt, [captions[f][i] for f in fields for i in range(min(2000, len(train)))])
+        set_text_stats(model, rt, sample)
     empty = text_features(model, rt, [""])
     val_latents = latents_of(model, rt, load_images(val, size)).to(rt.device)
     val_hidden = text_features(model, rt, val_captions).to(rt.device)
@@ -269,12 +318,13 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(train), (local_batch,))
+        style = torch.multinomial(weights, local_batch, replacement=True)  # which caption of each image
         if cfg.cache_features:
-            x0, h = latents[idx].to(rt.device), hidden[idx].to(rt.device)
+            x0, h = latents[idx].to(rt.device), hidden[style, idx].to(rt.device)
         else:
             with torch.no_grad(), rt.autocast():
                 x0 = model.encode_images(load_images([train[i] for i in idx.tolist()], size))  # paper scale: never all in memory
-                h = model.text_hidden_states([captions[i] for i in idx.tolist()])
+                h = model.text_hidden_states([captions[fields[k]][i] for k, i in zip(style.tolist(), idx.tolist())])
         drop = torch.rand(local_batch) < cfg.cond_dropout
         h = torch.where(drop.view(-1, 1, 1).to(rt.device), empty.to(rt.device, h.dtype), h)
         sigma = torch.sigmoid(cfg.timestep_mean + torch.randn(local_batch, device=rt.device))  # logit-normal timesteps
@@ -307,7 +357,7 @@ def main(argv=None):
                 if probing:
                     model.eval()
                     eval_gen.manual_seed(cfg.seed)
-                    report = probe(model, rt, val_captions, val_scenes, cfg, eval_gen) if val_scenes else {}
+                    report = probe(model, rt, val, val_scenes, cfg, eval_gen) if val_scenes else {}
                     report["text_reliance"] = text_reliance(model, rt, val_latents, val_hidden, eval_gen)
                     rt.print(f"eval step {step} " + shapes.format_report(report))
                     model.train()

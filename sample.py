@@ -56,8 +56,10 @@ def main(argv=None):
         rows = [(src, text) for src, text in zip(sources, texts)]
         if cfg.mode == "i2i":
             with rt.autocast():
-                images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator)
+                images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator, allow_cut=True)
             rows = [row + (image,) for row, image in zip(rows, images)]
+            if model.turns_cut:
+                print(f"{model.turns_cut} caption(s) re-encoded longer than the decoder's window: cut to it")
     for i, row in enumerate(rows):
         print(f"{i}: {next(c for c in row if isinstance(c, str))}")
         for j, cell in enumerate(c for c in row if not isinstance(c, str)):

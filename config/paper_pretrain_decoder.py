@@ -19,3 +19,4 @@ cfg_scale = 5.0  # the released inference setting
 sample_steps = 40
 eval_interval = 10 ** 9
 save_interval = 1000
+captions = "caption:1"  # the paper corpus: one long caption per image
