@@ -1,22 +1,40 @@
 """Unified-Bench (Protocol 1): how well does a model reconstruct an image through its own caption?
 
-For every source image the model writes a caption (I2T) and redraws the image from it (T2I); each
-configured backbone embeds source and reconstruction, and the cosine of the L2-normalised features
-is the image's score. Unified-Score = mean over backbones of the bench average, x 100 (DESIGN §7).
+For every source image the model writes a caption (I2T) and redraws the image from it (T2I). Each judge
+(CLIP ViT-L/14, LongCLIP-L, DINOv2-L, DINOv3-L in the paper) embeds source and reconstruction; the cosine
+of the L2-normalised features is the image's score under that judge, and Unified-Score = 100 x the mean
+over judges of their bench averages (DESIGN §7). Scoring follows the released scorer (Score_i2i.py of the
+UAE release): an hf: judge gets each image as a PIL image through its own image processor, CLIP's feature
+is get_image_features and a DINO model's the CLS token; in folder mode a source's reconstruction is the
+file of the same name, else of the same name without extension, else recon_<stem>.<any image extension>.
+
+The judges are kept apart from the RL reward's backbone (`reward_backbone`): a bench scored by the very
+model the RL stages maximised would reward fitting that model. The reward backbone is scored the same way
+and reported on its own, as reward_cosine, never in the Unified-Score.
 
     python eval_unified.py --ckpt=out/grpo_decoder                          # shapes bench
-    python eval_unified.py --ckpt=out/x --data=my/bench.jsonl --clip=open_clip:ViT-L-14-quickgelu:/ckpt/ViT-L-14.pt \
-        --longclip=open_clip:ViT-L-14-quickgelu:/ckpt/longclip-L.pt --dinov2=hf:/ckpt/dinov2-large --dinov3=hf:/ckpt/dinov3-vitl16
+    python eval_unified.py --ckpt=out/x --data=my/bench.jsonl --clip=hf:/ckpt/clip-vit-large-patch14 \
+        --longclip=open_clip:ViT-L-14-quickgelu:/ckpt/longclip-L.pt --dinov2=hf:/ckpt/dinov2-large \
+        --dinov3=hf:/ckpt/dinov3-vitl16-pretrain-lvd1689m --reward_backbone=
     python eval_unified.py --generated=any_model_outputs/ --references=sources/   # score another model's images
 
-Writes out_dir/: reconstructions/ (PNG), captions.jsonl, grid.png and results.json in the released
-scorer's format: {backbone: {"scores": {image: cos}, "average", "min", "max"}, "overall_mean",
-"unified_score"}. On the shapes world (records carry "scene") it adds the oracle tables:
+Writes out_dir/: reconstructions/ (<stem>.png), captions.jsonl, grid.png and results.json: the released
+scorer's model_types, similarities_by_model (a source without reconstruction scores null),
+statistics_by_model (total_images = sources, valid_pairs = those matched) and summary, plus
+unified_score, unified_score_per_image (100 x the image's mean over judges), reward_cosine and
+reward_cosine_per_image. The per-image scores let two checkpoints be compared image by image
+(paired_difference; mcnemar for per-image pass/fail), which removes the between-image variance that
+dwarfs their difference. On the shapes world (records carry "scene") it adds the oracle tables:
 understanding (recall, small-object recall, attribute accuracy, precision, caption length),
-generation (GenEval-shapes from the TRUE long captions: overall, per category, >=3-object subset),
-unification (Unified-Score, scene-F1 of source vs reconstruction).
+generation (GenEval-shapes from the TRUE long captions: overall, per category, >=3-object subset, each
+image's exact match for McNemar tests, and the judges' Unified-Score of these images: the ceiling a
+caption could reach with this decoder), unification (Unified-Score, reward cosine, scene-F1 of source vs
+reconstruction, mentioned-object recall: of the objects a caption names, the fraction its reconstruction
+shows; captions_cut: captions the length cap stopped before their end; turns_cut: captions whose text
+re-encoded longer than the decoder's window, cut to it).
 """
 import json
+import math
 import os
 import sys
 
@@ -27,19 +45,20 @@ from PIL import Image
 import model as M
 import shapes
 from configurator import configure
-from data import DataError, load_images, read_jsonl, save_grid, to_uint8_hwc, write_json
+from data import DataError, load_image, read_jsonl, save_grid, to_uint8_hwc, write_json
 from reward import cosine, load_backbone
 
 config = dict(
     ckpt="",  # UAE checkpoint to evaluate (empty with --generated: score existing images)
     data="data/shapes/bench.jsonl",  # source images (and, for the shapes world, their scenes)
-    generated="",  # folder of reconstructions to score against --references (matched by file name)
+    generated="",  # folder of reconstructions to score against --references (matched as the released scorer does)
     references="",  # folder of source images for --generated
     out_dir="out/eval",  # where reconstructions, captions, grid and results.json go
-    clip="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # backbone spec (paper: CLIP ViT-L/14)
-    longclip="",  # LongCLIP-L spec, empty = skipped
-    dinov2="",  # DINOv2-L spec (hf:<dir>), empty = skipped
-    dinov3="",  # DINOv3 ViT-L/16 spec (hf:<dir>), empty = skipped
+    clip="hf:data/shapes/judges/clip",  # judge (paper: CLIP ViT-L/14), hf:<dir> or open_clip:<name>:<file>, empty = skipped
+    longclip="open_clip:ShapesLongCLIP:data/shapes/judges/longclip.pt",  # judge (paper: LongCLIP-L), empty = skipped
+    dinov2="hf:data/shapes/judges/dinov2",  # judge (paper: DINOv2-L), empty = skipped
+    dinov3="",  # judge (paper: DINOv3 ViT-L/16), empty = skipped
+    reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # the RL reward's backbone: reward_cosine only, empty = skipped
     greedy=True,  # greedy captions (deterministic); False samples at `temperature`
     temperature=0.7,  # caption sampling temperature when not greedy
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
@@ -51,103 +70,231 @@ config = dict(
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
     seed=0,  # sampling seed (the same noise for every checkpoint)
 )
-BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
+JUDGES = ("clip", "longclip", "dinov2", "dinov3")  # the released scorer's model names
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tiff", ".webp")  # the released scorer's
 
 
-def score(backbones: dict, sources: torch.Tensor, recons: torch.Tensor, names: list[str]) -> dict:
-    """Per backbone: per-image cosine of (source, reconstruction) features, average, min, max."""
-    results = {}
-    for key, backbone in backbones.items():
-        s = cosine(backbone.features(sources.float() / 255), backbone.features(recons.float() / 255)).tolist()
-        results[key] = {"spec": backbone.name, "scores": dict(zip(names, s)), "average": float(np.mean(s)),
-                        "min": float(np.min(s)), "max": float(np.max(s))}
-    overall = float(np.mean([r["average"] for r in results.values()]))
-    return {**results, "overall_mean": overall, "unified_score": 100 * overall}
+def similarities(backbone, names: list[str], sources: list, recons: list, batch_size: int) -> dict:
+    """{name: cosine of the features of source and reconstruction}, None where the reconstruction is None.
+    Images are (H, W, 3) uint8 of any sizes; backbone.features preprocesses each as its judge expects."""
+    pairs = [i for i, r in enumerate(recons) if r is not None]
+    cos = cosine(backbone.features([sources[i] for i in pairs], batch_size),
+                 backbone.features([recons[i] for i in pairs], batch_size)).tolist()
+    return {**dict.fromkeys(names), **{names[i]: c for i, c in zip(pairs, cos)}}
 
 
-def load_folder_pairs(generated: str, references: str) -> tuple:
-    """Reconstructions matched to references by file name; a missing one is an error naming it."""
-    names = sorted(f for f in os.listdir(references) if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+def released_results(sims: dict) -> dict:
+    """The released scorer's results.json from {judge: similarities}: statistics over the matched images,
+    the summary (its best/worst_model tuples are [name, average] in JSON)."""
+    stats = {}
+    for judge, scores in sims.items():
+        valid = [s for s in scores.values() if s is not None]
+        stats[judge] = {"total_images": len(scores), "valid_pairs": len(valid), "average_similarity": sum(valid) / len(valid),
+                        "min_similarity": min(valid), "max_similarity": max(valid)}
+    averages = {judge: s["average_similarity"] for judge, s in stats.items()}
+    summary = {"models_used": list(averages), "average_scores_by_model": averages,
+               "overall_average": sum(averages.values()) / len(averages),
+               "best_model": list(max(averages.items(), key=lambda x: x[1])),
+               "worst_model": list(min(averages.items(), key=lambda x: x[1]))}
+    return {"model_types": list(sims), "similarities_by_model": sims, "statistics_by_model": stats, "summary": summary}
+
+
+def score(judges: dict, reward_backbone, names: list[str], sources: list, recons: list, batch_size: int) -> dict:
+    """The released layout for the judges, plus the Unified-Score (overall, per matched image) and the
+    reward backbone's mean cosine (None when it is not configured)."""
+    sims = {key: similarities(judge, names, sources, recons, batch_size) for key, judge in judges.items()}
+    results = released_results(sims)
+    matched = [n for n, r in zip(names, recons) if r is not None]
+    results["unified_score"] = 100 * results["summary"]["overall_average"]
+    results["unified_score_per_image"] = {n: 100 * sum(s[n] for s in sims.values()) / len(sims) for n in matched}
+    results["reward_cosine"] = results["reward_cosine_per_image"] = None
+    if reward_backbone is not None:
+        reward = similarities(reward_backbone, names, sources, recons, batch_size)
+        results["reward_cosine"] = sum(reward[n] for n in matched) / len(matched)
+        results["reward_cosine_per_image"] = {n: reward[n] for n in matched}
+    return results
+
+
+def match_folders(generated: str, references: str) -> tuple[list[str], list, list]:
+    """(names, sources, reconstructions) of the images in `references`, each source's reconstruction in
+    `generated` found as the released scorer finds it (same file name, else same name without extension,
+    else recon_<stem>.*) or None; unmatched sources are printed, none matched at all is an error."""
+    for folder, flag in ((generated, "--generated"), (references, "--references")):
+        if not os.path.isdir(folder):
+            raise DataError(f"{flag}: no such folder '{folder}'")
+    images = lambda folder: sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    names, found = images(references), images(generated)
     if not names:
         raise DataError(f"{references}: no images")
-    missing = [n for n in names if not os.path.exists(os.path.join(generated, n))]
+    stem = lambda f: os.path.splitext(f)[0]
+    match = {n: ([f for f in found if f == n] + [f for f in found if stem(f) == stem(n)] +
+                 [f for f in found if stem(f) == "recon_" + stem(n)] + [None])[0] for n in names}
+    missing = [n for n in names if match[n] is None]
+    if len(missing) == len(names):
+        raise DataError(f"no image of {generated} matches any of the {len(names)} images of {references} "
+                        f"(by name, name without extension or recon_<stem>)")
     if missing:
-        raise DataError(f"{generated}: no reconstruction for {len(missing)} reference image(s), e.g. {missing[0]}")
-    load = lambda folder: [{"image_path": os.path.join(folder, n), "where": os.path.join(folder, n)} for n in names]
-    size = Image.open(os.path.join(references, names[0])).size[0]
-    return load_images(load(references), size), load_images(load(generated), size), names
+        print(f"{len(missing)} of {len(names)} images of {references} have no reconstruction in {generated} "
+              f"(they score null), e.g. {missing[0]}")
+    load = lambda folder, f, flag: load_image({"image_path": os.path.join(folder, f), "where": flag})
+    return (names, [load(references, n, "--references") for n in names],
+            [load(generated, match[n], "--generated") if match[n] else None for n in names])
 
 
 def reconstruct(model, rt, sources, cfg, generator) -> tuple[list[str], torch.Tensor]:
     """Protocol 1: each source's caption (I2T), then the image redrawn from it (T2I)."""
     with rt.autocast():
         texts = model.describe(sources, cfg.temperature, cfg.max_new_tokens, cfg.greedy, cfg.batch_size)
-    return texts, generate_from(model, rt, texts, cfg, generator)
+    return texts, generate_from(model, rt, texts, cfg, generator, allow_cut=True)  # the model's own captions
 
 
 @torch.no_grad()
-def generate_from(model, rt, texts, cfg, generator) -> torch.Tensor:
+def generate_from(model, rt, texts, cfg, generator, allow_cut: bool = False) -> torch.Tensor:
     with rt.autocast():
-        images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=cfg.batch_size)
+        images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=cfg.batch_size,
+                                allow_cut=allow_cut)
     return (images * 255).round().to(torch.uint8).cpu()
 
 
 def evaluate(cfg) -> dict:
     rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    backbones = {}
-    for key in BACKBONES:
-        spec = getattr(cfg, key)
-        if spec:
-            backbones[key] = load_backbone(spec, rt.device)
+    judges = {}
+    for key in JUDGES:
+        if getattr(cfg, key):
+            judges[key] = load_backbone(getattr(cfg, key), rt.device)
         else:
-            print(f"backbone {key}: not configured, skipped")
-    if not backbones:
-        raise ValueError(f"no backbone configured: set at least one of {', '.join('--' + k for k in BACKBONES)}")
+            print(f"judge {key}: not configured, skipped")
+    if not judges:
+        raise ValueError(f"no judge configured: set at least one of {', '.join('--' + k for k in JUDGES)}")
+    reward_backbone = load_backbone(cfg.reward_backbone, rt.device) if cfg.reward_backbone else None
+    if reward_backbone is None:
+        print("reward_backbone: not configured, skipped")
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.generated:
-        sources, recons, names = load_folder_pairs(cfg.generated, cfg.references)
-        results = score(backbones, sources, recons, names)
+        results = score(judges, reward_backbone, *match_folders(cfg.generated, cfg.references), cfg.batch_size)
     else:
         if not cfg.ckpt:
             raise ValueError("give --ckpt=<UAE checkpoint> or --generated=<folder> --references=<folder>")
         records = read_jsonl(cfg.data)
         names = [os.path.basename(r["image"]) for r in records]
+        files = [os.path.splitext(n)[0] + ".png" for n in names]  # lossless, and found by the released matching
         first = {}
-        for r, name in zip(records, names):  # reconstructions are stored and matched by file name
-            if first.setdefault(name, r["where"]) != r["where"]:
-                raise DataError(f"{r['where']}: image file name {name} is also used at {first[name]}")
-        sources = load_images(records)
+        for r, name, file in zip(records, names, files):
+            if first.setdefault(file, r["where"]) != r["where"]:
+                raise DataError(f"{r['where']}: image file name {name} gives reconstruction {file}, as {first[file]} does")
+        sources = [load_image(r) for r in records]  # a list: real benches mix image sizes
         model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
         generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
         texts, recons = reconstruct(model, rt, sources, cfg, generator)
+        recons = [to_uint8_hwc(r) for r in recons]
         os.makedirs(os.path.join(cfg.out_dir, "reconstructions"), exist_ok=True)
-        for name, image in zip(names, recons):
-            Image.fromarray(to_uint8_hwc(image)).save(os.path.join(cfg.out_dir, "reconstructions", name))
+        for file, image in zip(files, recons):
+            Image.fromarray(image).save(os.path.join(cfg.out_dir, "reconstructions", file))
         with open(os.path.join(cfg.out_dir, "captions.jsonl"), "w") as f:
             f.writelines(json.dumps({"image": n, "caption": t}) + "\n" for n, t in zip(names, texts))
         save_grid([(s, t, r) for s, t, r in list(zip(sources, texts, recons))[:16]], os.path.join(cfg.out_dir, "grid.png"))
-        results = score(backbones, sources, recons, names)
+        results = score(judges, reward_backbone, names, sources, recons, cfg.batch_size)
         scenes = shapes.scenes_of(records)
         if scenes is not None:  # the shapes world: exact oracle tables
             results["understanding"] = shapes.caption_report(texts, scenes)
-            results["unification"] = {"unified_score": results["unified_score"], "scene_f1": float(np.mean(
-                [shapes.scene_f1(shapes.detect_scene(s), shapes.detect_scene(r)) for s, r in zip(sources, recons)]))}
-            if cfg.geneval:
+            results["unification"] = {
+                "unified_score": results["unified_score"], "reward_cosine": results["reward_cosine"],
+                "scene_f1": float(np.mean([shapes.scene_f1(shapes.detect_scene(s), shapes.detect_scene(r))
+                                           for s, r in zip(sources, recons)])),
+                "mentioned_object_recall": shapes.mentioned_object_recall(texts, recons),
+                "captions_cut": model.captions_cut(texts, cfg.max_new_tokens),  # stopped by the length cap
+                "turns_cut": model.turns_cut}  # re-encoded longer than the window, cut to it (model.text_tokens)
+            if cfg.geneval:  # from the TRUE complete long captions; the judges' score of these is the ceiling
                 generator.manual_seed(cfg.seed)
-                generated = generate_from(model, rt, [r["caption"] for r in records], cfg, generator)
-                results["generation"] = shapes.generation_report(generated, scenes)
+                generated = [to_uint8_hwc(g) for g in generate_from(model, rt, [r["caption"] for r in records], cfg, generator)]
+                exact = [shapes.detect_scene(g) == sc for g, sc in zip(generated, scenes)]
+                ceiling = score(judges, None, names, sources, generated, cfg.batch_size)
+                results["generation"] = shapes.generation_report(generated, scenes) | {
+                    "unified_score": ceiling["unified_score"], "overall_per_image": dict(zip(names, exact)),
+                    "unified_score_per_image": ceiling["unified_score_per_image"]}
     results["config"] = vars(cfg)
     write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
 
 
 def summary(results: dict) -> str:
-    lines = [f"Unified-Score {results['unified_score']:.2f} (" + ", ".join(
-        f"{k} {results[k]['average']:.4f}" for k in BACKBONES if k in results) + ")"]
-    for table in ("understanding", "generation", "unification"):
-        if table in results:
-            lines.append(f"{table}: " + shapes.format_report(results[table]))
-    return "\n".join(lines)
+    stats = next(iter(results["statistics_by_model"].values()))
+    line = (f"Unified-Score {results['unified_score']:.2f} (" + ", ".join(
+        f"{k} {v:.4f}" for k, v in results["summary"]["average_scores_by_model"].items()) +
+        f") on {stats['valid_pairs']}/{stats['total_images']} images")
+    if results["reward_cosine"] is not None:
+        line += f"; reward backbone cosine {results['reward_cosine']:.4f} (not a judge)"
+    return "\n".join([line] + [f"{table}: " + shapes.format_report(results[table])
+                               for table in ("understanding", "generation", "unification") if table in results])
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b), by its continued fraction (modified Lentz; Numerical Recipes
+    6.4), which converges fast for x < (a + 1) / (a + b + 2); above it I_x(a, b) = 1 - I_{1-x}(b, a)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - _betainc(b, a, 1 - x)
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(1000):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + num * d
+        d = 1 / (d if abs(d) > 1e-30 else 1e-30)
+        c = 1 + num / c
+        c = c if abs(c) > 1e-30 else 1e-30
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a * (f - 1)
+
+
+def t_p_value(t: float, df: float) -> float:
+    """Two-sided p of Student's t with df degrees of freedom: P(|T| >= |t|) = I_{df/(df+t^2)}(df/2, 1/2)."""
+    return _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def t_critical(df: float, alpha: float = 0.05) -> float:
+    """The t whose two-sided p is alpha (the 1 - alpha/2 quantile), by bisection: p falls as t grows."""
+    lo, hi = 0.0, 1.0
+    while t_p_value(hi, df) > alpha:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_p_value(mid, df) > alpha else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """b - a over the images both score ({name: score}, e.g. two runs' unified_score_per_image): its mean,
+    95% t-interval and two-sided paired t-test p."""
+    names = sorted(a.keys() & b.keys())
+    if len(names) < 2:
+        raise ValueError(f"a paired t-test needs at least 2 images scored in both, got {len(names)}")
+    d = np.array([b[k] - a[k] for k in names], dtype=np.float64)
+    n, mean = len(d), float(d.mean())
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    t = abs(mean) / se if se else (math.inf if mean else 0.0)
+    half = t_critical(n - 1) * se
+    return {"n": n, "mean": mean, "ci95": [mean - half, mean + half], "p": t_p_value(t, n - 1)}
+
+
+def mcnemar(a: dict, b: dict) -> dict:
+    """Exact McNemar test of paired pass/fail over the images both judge ({name: bool}): lost = passed in a
+    only, gained = passed in b only; p = the two-sided binomial test of the discordant pairs at 1/2."""
+    names = a.keys() & b.keys()
+    lost = sum(bool(a[k]) and not b[k] for k in names)
+    gained = sum(bool(b[k]) and not a[k] for k in names)
+    m = lost + gained
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(min(lost, gained) + 1)) / 2 ** m)
+    return {"n": len(names), "lost": lost, "gained": gained, "p": p}
 
 
 def main(argv=None):

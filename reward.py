@@ -1,29 +1,32 @@
-"""Frozen image-feature backbones (open_clip / DINOv2 / DINOv3), the reconstruction reward
-r = cos(f(x), f(x_hat)), and GRPO group-normalised advantages."""
+"""Frozen image-feature backbones (open_clip / transformers CLIP, DINOv2, DINOv3), the reconstruction
+reward r = cos(f(x), f(x_hat)), and GRPO group-normalised advantages."""
 import logging
 import os
 import zipfile
 from pathlib import Path
 from typing import Hashable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 SPEC_FORMS = "'open_clip:<model_name>:<checkpoint_file>' or 'hf:<local_dir>'"
-HF_DINO_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit")  # pooler_output = layer-normed CLS
+HF_TYPES = ("clip", "dinov2", "dinov2_with_registers", "dinov3_vit")  # the model types an hf: spec may hold
 
 
 class Backbone(nn.Module):
     """A frozen image encoder with its own preprocessing written in torch, so that features are
-    differentiable w.r.t. the input pixels. `resize` is an int (shortest side, aspect kept) or an
-    exact (H, W); `crop` is a center crop (H, W) or None."""
+    differentiable w.r.t. the input pixels (`forward`, the RL reward). `resize` is an int (shortest
+    side, aspect kept) or an exact (H, W); `crop` is a center crop (H, W) or None. `processor`: an hf
+    model's own image processor, which the scoring path (`features`, the bench) uses instead."""
 
     def __init__(self, name: str, encoder: nn.Module, resize: int | tuple[int, int],
                  crop: tuple[int, int] | None, interpolation: str,
-                 mean: Sequence[float], std: Sequence[float]):
+                 mean: Sequence[float], std: Sequence[float], processor=None):
         super().__init__()
-        self.name, self.encoder = name, encoder
+        self.name, self.encoder, self.processor = name, encoder, processor
         self.resize, self.crop, self.interpolation = resize, crop, interpolation
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -55,15 +58,42 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) floats in [0, 1], any size/device -> (B, D) unit-norm fp32 features."""
-        x = self.preprocess(images).to(next(self.encoder.parameters()).dtype)
-        out = self.encoder(x)
-        if not torch.is_tensor(out):  # transformers ModelOutput: the CLS token after the final norm
-            out = out.pooler_output
-        return F.normalize(out.float(), dim=-1)
+        return self.embed(self.preprocess(images))
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixels -> unit-norm fp32 features."""
+        return F.normalize(self.encoder(pixels.to(self.device, next(self.encoder.parameters()).dtype)).float(), dim=-1)
 
     @torch.no_grad()
-    def features(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([self(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    def features(self, images: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
+        """The scoring path: (H, W, 3) uint8 RGB images of any sizes -> (N, D) unit-norm fp32 features.
+        An hf model sees what the released Unified-Bench scorer feeds it: PIL images through its own
+        image processor. An open_clip model goes through `forward` (a chunk of equal sizes at once)."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            if self.processor is not None:
+                pil = [Image.fromarray(im) for im in chunk]
+                out.append(self.embed(self.processor(images=pil, return_tensors="pt").pixel_values))
+            else:
+                x = [torch.tensor(im).permute(2, 0, 1) / 255 for im in chunk]
+                out += [self(torch.stack(x))] if len({t.shape for t in x}) == 1 else [self(t[None]) for t in x]
+        return torch.cat(out)
+
+
+class HFImageTower(nn.Module):
+    """pixel_values -> the image feature the released scorer takes: CLIP's get_image_features (the
+    projected pooled token), a DINO model's CLS token of last_hidden_state (after the final norm)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.clip = model, model.config.model_type == "clip"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.clip:
+            out = self.model.get_image_features(pixel_values=pixel_values)
+            return out if torch.is_tensor(out) else out.pooler_output  # transformers 5 returns a ModelOutput
+        return self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
 
 
 def _is_torchscript(path: str) -> bool:  # the marker torch.load itself checks for
@@ -107,19 +137,22 @@ def _load_open_clip(spec: str, name: str, path: str) -> Backbone:
 
 
 def _load_hf(spec: str, path: str) -> Backbone:
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: '{path}' (spec '{spec}')")
-    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    if model.config.model_type not in HF_DINO_TYPES:  # pooler_output means other things elsewhere
-        raise ValueError(f"{spec}: model_type '{model.config.model_type}' is not one of {HF_DINO_TYPES}")
-    proc = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    # DINOv2 (BitImageProcessor): shortest side 256, center crop 224; DINOv3: exact 224x224, no crop
+    model_type = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False).model_type
+    if model_type not in HF_TYPES:  # each type's feature is chosen by HFImageTower
+        raise ValueError(f"{spec}: model_type '{model_type}' is not one of {HF_TYPES}")
+    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=torch.float32)
+    # backend "pil": the slow processor that transformers 4 picked by default, hence the released scorer's;
+    # DINOv3 has only a torchvision one, which transformers then falls back to (with a warning)
+    proc = AutoImageProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=False, backend="pil")
+    # CLIP: shortest side 224, center crop 224; DINOv2 (Bit): shortest side 256, crop 224; DINOv3: exact 224x224
     size = proc.size
     resize = size.shortest_edge if size.shortest_edge else (size.height, size.width)
     crop = (proc.crop_size.height, proc.crop_size.width) if getattr(proc, "do_center_crop", False) else None
     interpolation = "bilinear" if int(proc.resample) == 2 else "bicubic"  # PIL codes: 2 bilinear, 3 bicubic
-    return Backbone(spec, model, resize, crop, interpolation, proc.image_mean, proc.image_std)
+    return Backbone(spec, HFImageTower(model), resize, crop, interpolation, proc.image_mean, proc.image_std, proc)
 
 
 def load_backbone(spec: str, device: str | torch.device | None = None) -> Backbone:

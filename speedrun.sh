@@ -44,28 +44,53 @@ run $NPROC grpo_encoder.py --init_from=$OUT/cold_start --out_dir=$OUT/grpo_encod
 stamp "grpo_decoder (Understanding for Generation)"
 run $NPROC grpo_decoder.py --init_from=$OUT/grpo_encoder --out_dir=$OUT/grpo_decoder
 
+# Unified-Bench on the 100-image bench (the Unified-Score, its reward cosine, the ceiling), and the oracle
+# tables on the 2,000-image test split (understanding, GenEval-shapes, Unified-Score with intervals)
 for stage in pretrain_decoder cold_start grpo_encoder grpo_decoder; do
     name=$stage; [ $stage = pretrain_decoder ] && name=base
-    stamp "Unified-Bench: $name"
-    [ -f $OUT/eval_$name/results.json ] && [ $OUT/eval_$name/results.json -nt $OUT/$stage/model.json ] || \
-        python eval_unified.py --ckpt=$OUT/$stage --out_dir=$OUT/eval_$name
+    for split in bench test; do
+        dir=$OUT/eval_$name; [ $split = test ] && dir=${dir}_test
+        stamp "Unified-Bench: $name on $split"
+        [ -f $dir/results.json ] && [ $dir/results.json -nt $OUT/$stage/model.json ] || \
+            python eval_unified.py --ckpt=$OUT/$stage --data=data/shapes/$split.jsonl --out_dir=$dir
+    done
 done
 python - "$OUT" "$START" <<'EOF'
 import json, sys, time
+from eval_unified import paired_difference
 out, start = sys.argv[1], int(sys.argv[2])
-stages, rows = {}, []
-for name in ("base", "cold_start", "grpo_encoder", "grpo_decoder"):
-    r = json.load(open(f"{out}/eval_{name}/results.json"))
-    stages[name] = {"small_object_recall": r["understanding"]["small_object_recall"],
-                    "caption_length": r["understanding"]["caption_length"], "precision": r["understanding"]["precision"],
-                    "geneval_shapes": r["generation"]["overall"], "geneval_shapes_3plus": r["generation"]["overall_3plus"],
-                    "unified_score": r["unified_score"], "scene_f1": r["unification"]["scene_f1"]}
-result = {"stages": stages, "wall_seconds": int(time.time()) - start}
+names = ("base", "cold_start", "grpo_encoder", "grpo_decoder")
+bench = {n: json.load(open(f"{out}/eval_{n}/results.json")) for n in names}
+test = {n: json.load(open(f"{out}/eval_{n}_test/results.json")) for n in names}
+stages = {}
+for n in names:
+    b, t = bench[n], test[n]
+    u, g = t["understanding"], t["generation"]
+    stages[n] = {"small_object_recall": u["small_object_recall"], "caption_length": u["caption_length"],
+                 "precision": u["precision"], "attribute_accuracy": u["attribute_accuracy"],
+                 "mentioned_object_recall": t["unification"]["mentioned_object_recall"],
+                 "geneval_shapes": g["overall"], "geneval_shapes_3plus": g["overall_3plus"],
+                 "scene_f1": t["unification"]["scene_f1"], "captions_cut": t["unification"]["captions_cut"],
+                 "unified_score": b["unified_score"], "reward_cosine": b["reward_cosine"],
+                 "unified_score_ci95": paired_difference(bench["base"]["unified_score_per_image"], b["unified_score_per_image"])["ci95"],
+                 "unified_score_test": t["unified_score"],
+                 "unified_score_test_ci95": paired_difference(test["base"]["unified_score_per_image"], t["unified_score_per_image"])["ci95"]}
+splits = {s: sum(1 for _ in open(f"data/shapes/{s}.jsonl")) for s in ("train", "val", "test", "bench")}
+result = {"stages": stages, "judges": bench["base"]["model_types"], "splits": splits,
+          "unified_score_ceiling": bench["base"]["generation"]["unified_score"],
+          "unified_score_ceiling_test": test["base"]["generation"]["unified_score"],
+          "wall_seconds": int(time.time()) - start}
 json.dump(result, open(f"{out}/results.json", "w"), indent=1)
-keys = list(stages["base"])
+keys = [k for k in stages["base"] if not k.endswith("ci95")]
 table = ["| stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
 table += [f"| {n} | " + " | ".join(f"{v[k]:.3f}" for k in keys) + " |" for n, v in stages.items()]
-table.append(f"\nwall time (this invocation): {result['wall_seconds']} s")
+ci = lambda v, k: f"{v[k][0]:+.2f}..{v[k][1]:+.2f}"
+table.append(f"\nUnified-Score: judges {', '.join(result['judges'])}; bench, and test in unified_score_test. Ceiling (the "
+             f"pretrained decoder from the true long captions): {result['unified_score_ceiling']:.2f} (test "
+             f"{result['unified_score_ceiling_test']:.2f}). Paired 95% intervals against base: "
+             + ", ".join(f"{n} {ci(v, 'unified_score_ci95')} (test {ci(v, 'unified_score_test_ci95')})"
+                         for n, v in stages.items() if n != "base"))
+table.append(f"splits {splits}; wall time (this invocation): {result['wall_seconds']} s")
 open(f"{out}/results.md", "w").write("\n".join(table) + "\n")
 print("\n".join(table))
 # the picture: source | base caption + reconstruction | RL caption + reconstruction (first 8 bench images)

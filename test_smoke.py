@@ -55,6 +55,48 @@ def test_a_five_object_scene_by_hand():
     assert shapes.detect_scene(torch.from_numpy(shapes.render(scene)).permute(2, 0, 1) / 255) == scene
 
 
+def test_mentioned_object_recall_by_hand():
+    drawn = shapes.render((shapes.Obj("top left", "red", "circle", "large"), shapes.Obj("center", "blue", "square", "small")))
+    empty = shapes.render(())
+    # 2 of 3 mentions drawn in the first image (the green one is not; position is not asked), 0 of 1 in the second
+    texts = ["a red circle at the bottom, a blue square and a green triangle.", "a red circle."]
+    assert shapes.mentioned_object_recall(texts, [drawn, empty]) == pytest.approx(2 / 4)
+    assert math.isnan(shapes.mentioned_object_recall(["some shapes."], [drawn]))  # nothing mentioned
+
+
+def test_split_check_finds_a_shared_scene_up_to_jitter():
+    rng = random.Random(0)
+    train = [shapes.sample_scene(rng) for _ in range(200)]
+    taken = {shapes.scene_key(s) for s in train}
+    val = shapes.sample_disjoint(rng, 50, taken, 2, 4)
+    assert shapes.check_disjoint({"train": train, "val": val}) == {"train&val": 0, "val repeats": 0}
+    leaked = shapes.rejitter(train[3], random.Random(1))  # the same scene, other jitter: still the same scene
+    with pytest.raises(ValueError, match="train&val"):
+        shapes.check_disjoint({"train": train, "val": val + [leaked]})
+    with pytest.raises(ValueError, match="val repeats"):
+        shapes.check_disjoint({"train": train, "val": val + [shapes.rejitter(val[0], random.Random(2))]})
+
+
+def test_text_window_fits_six_objects_and_refuses_longer(tiny_world):
+    import pretrain_decoder
+    model = M.UAE.load(str(tiny_world / "enc"))
+    model.max_text_tokens = pretrain_decoder.config["max_text_tokens"]
+    six, seven = shapes.longest_long_caption(shapes.WINDOW_OBJECTS), shapes.longest_long_caption(7)
+    assert model.turn_lengths([six]) == [55] and model.turn_lengths([six])[0] <= model.max_text_tokens
+    assert model.text_tokens([six, "a red circle."])["input_ids"].shape == (2, model.max_text_tokens)
+    with pytest.raises(ValueError, match="1 of 2 captions exceed the decoder's window of max_text_tokens=56"):
+        model.text_tokens([seven, six])  # 63 tokens: an error, never cut
+    # a generated caption, even one stopped by the cap, fits the window with its closing token
+    cap = model.caption_cap(0)
+    assert cap + model.generate_prefix_tokens() + 1 == model.max_text_tokens
+    stopped = " ".join(["red"] * cap)
+    assert model.turn_lengths([stopped]) == [model.max_text_tokens] and model.captions_cut([stopped, six]) == 1
+    # training captions longer than the window: an error naming the file and line
+    records = [{"caption": six, "where": "x.jsonl:1"}, {"caption": seven, "where": "x.jsonl:2"}]
+    with pytest.raises(ValueError, match="x.jsonl:2.*63 tokens"):
+        pretrain_decoder.corpus(model, records, {"caption": 1.0})
+
+
 def test_metrics_by_hand():
     O = shapes.Obj
     scene = shapes.canonical([O("top left", "red", "circle", "large"), O("center", "blue", "square", "small"),
@@ -180,18 +222,34 @@ def test_jsonl_reading_and_clear_errors(tmp_path):
 
 def test_prepare_runs_small_and_is_deterministic(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "data", "shapes", "prepare.py"), "--n_train=64", "--n_val=32",
-           "--n_bench=8", "--clip_steps=3", "--clip_batch=16", "--clip_eval_n=32"]
+           "--n_test=24", "--n_bench=8", "--clip_steps=3", "--clip_batch=16", "--clip_eval_n=32", "--judge_steps=2",
+           "--judge_batch=8"]
     for out in ("a", "b"):
         subprocess.run(cmd + [f"--out_dir={tmp_path / out}"], check=True, capture_output=True, cwd=tmp_path)
-    for split in ("train", "val", "bench"):
+    for split in ("train", "val", "test", "bench"):
         assert (tmp_path / "a" / f"{split}.jsonl").read_text() == (tmp_path / "b" / f"{split}.jsonl").read_text()
     records = read_jsonl(str(tmp_path / "a" / "bench.jsonl"))
     assert len(records) == 8
     for r in records:
         scene = shapes.scene_from_json(r["scene"])
         assert shapes.detect_scene(load_image(r)) == scene and shapes.parse_caption(r["caption"]) == scene
+        partial = shapes.parse_caption(r["partial_caption"])  # what a partial caption states is true
+        truth = {(o.color, o.shape): o for o in scene}
+        assert all(o.size in (None, truth[(o.color, o.shape)].size) and o.pos in (None, truth[(o.color, o.shape)].pos)
+                   for o in partial)
+        assert {(o.color, o.shape) for o in scene if o.size == "large"} <= {(o.color, o.shape) for o in partial}
+    splits = {s: [shapes.scene_from_json(r["scene"]) for r in read_jsonl(str(tmp_path / "a" / f"{s}.jsonl"))]
+              for s in ("train", "val", "test", "bench")}
+    assert set(shapes.check_disjoint(splits).values()) == {0}
     report = json.loads((tmp_path / "a" / "shapes_clip_eval.json").read_text())
-    assert report["steps"] == 3 and 0.0 <= report["i2t_r1"] <= 1.0 and 0.0 <= report["position_sensitivity"] <= 1.0
+    assert report["splits"] == {"train": 64, "val": 32, "test": 24, "bench": 8}
+    assert set(report["judges"]) == {"clip", "longclip", "dinov2"} and "i2t_r1" not in report["judges"]["dinov2"]
+    for r in [report["reward"]] + list(report["judges"].values()):
+        assert 0.0 <= r["sensitivity_drop"] <= 1.0 and 0.0 <= r["sensitivity_move"] <= 1.0
+    assert report["reward"]["steps"] == 3 and report["judges"]["clip"]["steps"] == 2
+    for judge in ("clip", "dinov2"):  # the judges load as the real ones do: transformers directories
+        assert load_backbone(f"hf:{tmp_path / 'a' / 'judges' / judge}", "cpu")(torch.rand(2, 3, 48, 48)).shape[0] == 2
+    assert load_backbone(f"open_clip:ShapesLongCLIP:{tmp_path / 'a' / 'judges' / 'longclip.pt'}", "cpu")
     # the hard negatives: the same scene but for one edit of one object, still a valid scene
     sys.path.insert(0, os.path.join(REPO, "data", "shapes"))
     import prepare
@@ -285,8 +343,9 @@ def test_open_clip_backbone_matches_encode_image(shapes_clip, shapes_clip_file):
         torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
         # open_clip's own torchvision transform + encode_image on the same tensor
         torch.testing.assert_close(feats, reference_clip(shapes_clip, images), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(backbone.features(images, batch_size=2), feats)
-    assert not backbone.features(images).requires_grad
+    u8 = [(im.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy() for im in images]  # the scoring path's input
+    torch.testing.assert_close(backbone.features(u8, batch_size=2), backbone(torch.from_numpy(np.stack(u8)).permute(0, 3, 1, 2) / 255))
+    assert not backbone.features(u8).requires_grad
 
 
 def test_open_clip_backbone_is_differentiable_wrt_pixels(shapes_clip_file):
@@ -328,7 +387,20 @@ def test_open_clip_longclip_style_and_torchscript_checkpoints(shapes_clip, tmp_p
         load_backbone(f"open_clip:ShapesCLIP:{tmp_path / 'broken.pt'}", device="cpu")
 
 
-# ----------------------------------------------------------------------------- DINOv2 / DINOv3
+# ----------------------------------------------------------------------------- transformers CLIP / DINOv2 / DINOv3
+
+def save_clip(path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(path)
+    return model, processor
+
 
 def save_dinov2(path):
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
@@ -373,15 +445,15 @@ def manual_preprocess(images, resize, crop, mode, mean, std):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
-def test_hf_backbone_matches_pooler_output(family, tmp_path):
-    save = {"dinov2": save_dinov2, "dinov3": save_dinov3}[family]
+@pytest.mark.parametrize("family", ["clip", "dinov2", "dinov3"])
+def test_hf_backbone_forward_matches_the_model(family, tmp_path):
+    save = {"clip": save_clip, "dinov2": save_dinov2, "dinov3": save_dinov3}[family]
     model, processor = save(tmp_path)
     backbone = load_backbone(f"hf:{tmp_path}", device="cpu")
     assert not any(p.requires_grad for p in backbone.parameters())
     torch.manual_seed(1)
     images = torch.rand(3, 3, 70, 50, requires_grad=True)
-    if family == "dinov2":  # shortest side 40 (bicubic), center crop 32
+    if family in ("clip", "dinov2"):  # shortest side 40 (bicubic), center crop 32
         pixels = manual_preprocess(images.detach(), 40, (32, 32), "bicubic", processor.image_mean, processor.image_std)
     else:  # DINOv3 resizes straight to 32x32 (bilinear), no crop
         pixels = manual_preprocess(images.detach(), (32, 32), None, "bilinear", processor.image_mean, processor.image_std)
@@ -389,16 +461,17 @@ def test_hf_backbone_matches_pooler_output(family, tmp_path):
     torch.testing.assert_close(processor(images=list(images.detach() * 255), return_tensors="pt").pixel_values,
                                pixels, atol=1e-5, rtol=1e-5)
     feats = backbone(images)
-    with torch.no_grad():
-        expected = F.normalize(model(pixel_values=pixels).pooler_output, dim=-1)
-    assert feats.shape == (3, 32) and feats.dtype == torch.float32
+    with torch.no_grad():  # CLIP: the projected image features; DINO: the CLS token after the final norm
+        out = model.get_image_features(pixel_values=pixels) if family == "clip" else model(pixel_values=pixels)
+        expected = F.normalize(out.pooler_output if family == "clip" else out.last_hidden_state[:, 0], dim=-1)
+    assert feats.shape == (3, 16 if family == "clip" else 32) and feats.dtype == torch.float32
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(feats, expected, atol=1e-5, rtol=1e-5)
     feats.sum().backward()
     assert images.grad.abs().sum() > 0
 
 
-def test_hf_rejects_non_dino_models(tmp_path):
+def test_hf_rejects_other_model_types(tmp_path):
     from transformers import ViTConfig, ViTModel
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                        patch_size=8, image_size=32)).save_pretrained(tmp_path)
@@ -569,16 +642,9 @@ def test_text_positions_start_neutral_and_survive_save_load(tiny_uae, tmp_path):
         assert loaded.transformer.config.qk_norm == "rms_norm"
         torch.testing.assert_close(loaded.condition(["a red circle."]), model.condition(["a red circle."]))
     assert len(loaded.decoder_modules()) == 3 and len(tiny_uae.decoder_modules()) == 2
-    # cold start feeds caption tokens only: they get the positions they hold in a generate turn
-    prefix = model.generate_prefix_tokens()
-    ids = model.tokenizer(model.tokenizer.apply_chat_template([{"role": "generate", "content": "a red circle."}],
-                                                              tokenize=False))["input_ids"]
-    assert model.tokenizer.decode(ids[prefix:prefix + 3]) == "a red circle"
-    with torch.no_grad():
-        caption_only = hidden[:, prefix:prefix + 3]
-        torch.testing.assert_close(model.project(caption_only, offset=prefix), model.project(hidden)[:, prefix:prefix + 3])
+    # a turn longer than the decoder's text positions cannot be projected: refused
     with pytest.raises(ValueError, match="exceed the decoder's 24 text positions"):
-        model.project(hidden, offset=20)
+        model.project(torch.cat([hidden, hidden], 1))
 
 
 def test_text_standardisation_by_hand_and_save_load(tiny_uae, tmp_path):
@@ -655,8 +721,8 @@ def test_caption_samples_from_the_distribution_it_scores(tiny_uae):
 
 
 def test_caption_cap_is_the_decoders_window(tiny_uae):
-    window = tiny_uae.max_text_tokens - tiny_uae.generate_prefix_tokens()  # 24 - "<|im_start|>generate\n"
-    assert window == 22 and tiny_uae.caption_cap(0) == window and tiny_uae.caption_cap(5) == 5
+    window = tiny_uae.max_text_tokens - tiny_uae.generate_prefix_tokens() - 1  # 24 - "<|im_start|>generate\n" - "<|im_end|>"
+    assert window == 21 and tiny_uae.caption_cap(0) == window and tiny_uae.caption_cap(5) == 5
     with pytest.raises(ValueError, match="max_text_tokens=24"):  # a tail the decoder never reads: refused
         tiny_uae.caption_cap(window + 1)
     images, _ = _scene_images(2)
@@ -747,8 +813,8 @@ def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     sys.path.insert(0, os.path.join(REPO, "data", "shapes"))
     import prepare
-    prepare.main([f"--out_dir={root}", "--n_train=64", "--n_val=16", "--n_bench=8", "--clip_steps=2",
-                  "--clip_batch=8", "--clip_eval_n=8"])
+    prepare.main([f"--out_dir={root}", "--n_train=64", "--n_val=16", "--n_test=8", "--n_bench=8", "--clip_steps=2",
+                  "--clip_batch=8", "--clip_eval_n=8", "--judge_steps=1", "--judge_batch=4"])
     _tiny_vae(root / "vae")
     import pretrain_encoder
     enc = root / "enc"
@@ -1158,13 +1224,21 @@ def test_caption_encode_generate_end_to_end(paper_uae):
             forced = m.caption_logprobs(c.prompt, c.ids)
         assert forced.shape == c.ids.shape and torch.isfinite(forced[mask]).all() and (forced[mask] <= 0).all()
 
-        images_out = m.generate(c.texts, steps=2, cfg_scale=2.0)
+        # byte-level BPE may re-encode a decoded caption longer than its ids: the model's own captions are
+        # cut to the window and counted (allow_cut), other text longer than the window is refused
+        over = sum(n > m.max_text_tokens for n in m.turn_lengths(c.texts))
+        before = m.turns_cut
+        images_out = m.generate(c.texts, steps=2, cfg_scale=2.0, allow_cut=True)
+        assert m.turns_cut - before == over
+        if over:
+            with pytest.raises(ValueError, match="exceed the decoder's window"):
+                m.condition(c.texts)
         assert images_out.shape == (4, 3, 16, 16) and images_out.dtype == torch.float32  # 8x8 latents, 2x VAE
         assert torch.isfinite(images_out).all() and images_out.min() >= 0 and images_out.max() <= 1
         with torch.no_grad():
             z = m.encode_images(images_out)
             assert z.shape == m.latent_shape(4) == (4, 4, 8, 8)
-            sde = m.sample_sde(m.condition(c.texts), steps=3)
+            sde = m.sample_sde(m.condition(c.texts, allow_cut=True), steps=3)
         assert sde["log_probs"].shape == (4, 2) and torch.isfinite(sde["log_probs"]).all()
         assert sde["latents"].shape == (4, 4, 4, 8, 8) and sde["means"].shape == (4, 2, 4, 8, 8)
         assert torch.isfinite(sde["latents"]).all()
@@ -1333,6 +1407,28 @@ def test_grpo_encoder_two_process_gloo_resumes_exactly(tiny_world, tmp_path):
 
 # ----------------------------------------------------------------------------- cold start
 
+def test_cold_start_conditions_the_decoder_on_caption_text_only(tiny_world):
+    """The auto-encoder's latent is text: two different images whose sampled captions are identical give
+    identical decoder conditioning, though the captioning passes saw different images."""
+    import cold_start
+    model = M.UAE.load(str(tiny_world / "dec")).eval()
+    images = load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2])
+    assert not torch.equal(images[0], images[1])
+    with torch.no_grad():
+        caps = model.caption(images, 1, greedy=True)
+        same = M.Captions(caps.prompt, caps.ids[:1].repeat(2, 1), caps.mask[:1].repeat(2, 1), [caps.texts[0]] * 2)
+        cond = cold_start.decoder_condition(model, same)
+        # the channel the bottleneck closes: the captioning pass's states at the caption tokens differ
+        n = same.ids.shape[1]
+        inputs = dict(same.prompt, input_ids=torch.cat([same.prompt["input_ids"], same.ids], 1),
+                      attention_mask=torch.cat([same.prompt["attention_mask"], torch.ones_like(same.ids)], 1))
+        if "mm_token_type_ids" in same.prompt:
+            inputs["mm_token_type_ids"] = torch.cat([same.prompt["mm_token_type_ids"], torch.zeros_like(same.ids)], 1)
+        seen = model.llm(**inputs, output_hidden_states=True).hidden_states[-1][:, -n:]
+    assert cond.shape == (2, model.max_text_tokens, model.transformer.config.joint_attention_dim)
+    assert torch.equal(cond[0], cond[1]) and not torch.allclose(seen[0], seen[1])
+
+
 def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
     import cold_start
     out = tmp_path / "cold"
@@ -1357,7 +1453,99 @@ def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
 
 # ----------------------------------------------------------------------------- eval_unified
 
-def test_eval_unified_folder_scoring_matches_independent_cosine(tiny_world, tmp_path):
+RELEASED_KEYS = {"model_types", "similarities_by_model", "statistics_by_model", "summary"}  # Score_i2i.py's results
+STATISTICS_KEYS = {"total_images", "valid_pairs", "average_similarity", "min_similarity", "max_similarity"}
+SUMMARY_KEYS = {"models_used", "average_scores_by_model", "overall_average", "best_model", "worst_model"}
+
+
+def released_features(kind, path, files):
+    """The released scorer's CLIP / DINOv2 scorers step by step, one image at a time: the file as a PIL RGB
+    image -> the model's image processor (PIL: transformers 4's default) -> get_image_features or the CLS
+    token of last_hidden_state -> L2 normalise."""
+    from PIL import Image
+    from transformers import BitImageProcessorPil, CLIPImageProcessorPil, CLIPModel, Dinov2Model
+    processor = (CLIPImageProcessorPil if kind == "clip" else BitImageProcessorPil).from_pretrained(path)
+    model = (CLIPModel if kind == "clip" else Dinov2Model).from_pretrained(path).eval()
+    feats = []
+    with torch.no_grad():
+        for f in files:
+            inputs = processor(images=Image.open(f).convert("RGB"), return_tensors="pt")
+            if kind == "clip":
+                out = model.get_image_features(**inputs)
+                out = out if torch.is_tensor(out) else out.pooler_output  # a tensor before transformers 5
+            else:
+                out = model(**inputs).last_hidden_state[:, 0, :]
+            feats.append(F.normalize(out, p=2, dim=1))
+    return feats
+
+
+def test_eval_unified_hf_judges_match_the_released_scorer(shapes_clip, shapes_clip_file, tmp_path, capsys):
+    import eval_unified
+    from PIL import Image
+    save_clip(tmp_path / "clip"), save_dinov2(tmp_path / "dinov2")
+    refs, gens = tmp_path / "refs", tmp_path / "gens"
+    refs.mkdir(), gens.mkdir()
+    rng = np.random.default_rng(0)
+    image = lambda h, w, c=3: Image.fromarray(rng.integers(0, 256, (h, w, c), dtype=np.uint8))
+    # sources of different sizes (one RGBA), reconstructions matched by name, by stem (another extension),
+    # by recon_<stem>, and none for d.png; zz.png matches no source
+    image(50, 70).save(refs / "a.png"), image(40, 40).save(refs / "b.jpg"), image(64, 48, 4).save(refs / "c.png")
+    image(36, 60).save(refs / "d.png")
+    image(48, 48).save(gens / "a.png"), image(30, 44).save(gens / "b.png"), image(48, 48, 4).save(gens / "recon_c.webp")
+    image(48, 48).save(gens / "zz.png")
+    pairs = {"a.png": "a.png", "b.jpg": "b.png", "c.png": "recon_c.webp"}
+    results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
+        f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}", f"--clip=hf:{tmp_path / 'clip'}",
+        f"--dinov2=hf:{tmp_path / 'dinov2'}", "--longclip=", f"--reward_backbone=open_clip:ShapesCLIP:{shapes_clip_file}",
+        "--batch_size=2"]))
+    out = capsys.readouterr().out
+    assert "judge longclip: not configured, skipped" in out and "judge dinov3: not configured, skipped" in out
+    assert f"1 of 4 images of {refs} have no reconstruction in {gens}" in out
+    expected = {}
+    for kind in ("clip", "dinov2"):
+        src = released_features(kind, tmp_path / kind, [refs / n for n in pairs])
+        rec = released_features(kind, tmp_path / kind, [gens / g for g in pairs.values()])
+        expected[kind] = {n: torch.cosine_similarity(s, r, dim=1).item() for n, s, r in zip(pairs, src, rec)}
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(saved) == RELEASED_KEYS | {"unified_score", "unified_score_per_image", "reward_cosine",
+                                          "reward_cosine_per_image", "config"}
+    assert saved["model_types"] == ["clip", "dinov2"] and set(saved["similarities_by_model"]) == {"clip", "dinov2"}
+    for kind in ("clip", "dinov2"):
+        got = saved["similarities_by_model"][kind]
+        assert list(got) == ["a.png", "b.jpg", "c.png", "d.png"] and got["d.png"] is None
+        assert [got[n] for n in pairs] == pytest.approx(list(expected[kind].values()), abs=1e-5)
+        stats = saved["statistics_by_model"][kind]
+        assert set(stats) == STATISTICS_KEYS and (stats["total_images"], stats["valid_pairs"]) == (4, 3)
+        e = list(expected[kind].values())
+        assert [stats["average_similarity"], stats["min_similarity"], stats["max_similarity"]] == pytest.approx(
+            [np.mean(e), min(e), max(e)], abs=1e-5)
+    averages = {k: np.mean(list(v.values())) for k, v in expected.items()}
+    summary = saved["summary"]
+    assert set(summary) == SUMMARY_KEYS and summary["models_used"] == ["clip", "dinov2"]
+    assert summary["average_scores_by_model"] == pytest.approx(averages, abs=1e-5)
+    assert summary["overall_average"] == pytest.approx(np.mean(list(averages.values())), abs=1e-5)
+    best, worst = max(averages, key=averages.get), min(averages, key=averages.get)
+    assert summary["best_model"][0] == best and summary["worst_model"][0] == worst
+    assert summary["best_model"][1] == pytest.approx(averages[best], abs=1e-5)
+    assert saved["unified_score"] == pytest.approx(100 * summary["overall_average"], abs=1e-9)
+    assert saved["unified_score_per_image"] == pytest.approx(
+        {n: 100 * (expected["clip"][n] + expected["dinov2"][n]) / 2 for n in pairs}, abs=1e-3)
+    # the reward backbone: scored alike (open_clip's own transform per image), reported apart
+    embed = lambda path: reference_clip(shapes_clip, [torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255])
+    reward = {n: cosine(embed(refs / n), embed(gens / g)).item() for n, g in pairs.items()}
+    assert saved["reward_cosine_per_image"] == pytest.approx(reward, abs=1e-5)
+    assert saved["reward_cosine"] == pytest.approx(np.mean(list(reward.values())), abs=1e-5)
+    assert json.loads(json.dumps(results)) == saved  # what evaluate returns is what it wrote
+    assert "on 3/4 images" in eval_unified.summary(results) and "reward backbone cosine" in eval_unified.summary(results)
+    for f in ("a.png", "b.png", "recon_c.webp"):  # no source matched at all: an error naming both folders
+        (gens / f).unlink()
+    with pytest.raises(DataError, match=f"no image of {gens} matches any of the 4 images of {refs}"):
+        eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
+            f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}",
+            f"--clip=hf:{tmp_path / 'clip'}", "--longclip=", "--dinov2=", "--reward_backbone="]))
+
+
+def test_eval_unified_open_clip_judge_and_no_judge(tiny_world, tmp_path):
     import eval_unified
     import open_clip
     from PIL import Image
@@ -1369,9 +1557,10 @@ def test_eval_unified_folder_scoring_matches_independent_cosine(tiny_world, tmp_
         a, b = shapes.render(shapes.sample_scene(rng)), shapes.render(shapes.sample_scene(rng))
         Image.fromarray(a).save(refs / f"{i}.png"), Image.fromarray(b).save(gens / f"{i}.png")
         pairs.append((a, b))
-    spec = f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"
-    results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
-        f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}", f"--clip={spec}"]))
+    args = [f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}", "--longclip=", "--dinov2=",
+            "--reward_backbone="]
+    results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, args + [
+        f"--clip=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]))
     # independent: open_clip's own model + its own preprocessing (48x48 input, normalise) + plain cosine
     open_clip.add_model_config(os.path.join(REPO, "config", "open_clip"))
     clip = open_clip.create_model("ShapesCLIP", pretrained=str(tiny_world / "shapes_clip.pt")).eval()
@@ -1379,42 +1568,85 @@ def test_eval_unified_folder_scoring_matches_independent_cosine(tiny_world, tmp_
     embed = lambda im: clip.encode_image(((torch.from_numpy(im).permute(2, 0, 1) / 255 - mean) / std)[None])[0]
     with torch.no_grad():
         expected = [F.cosine_similarity(embed(a), embed(b), dim=0).item() for a, b in pairs]
-    got = results["clip"]["scores"]
+    got = results["similarities_by_model"]["clip"]
     assert [got[f"{i}.png"] for i in range(3)] == pytest.approx(expected, abs=1e-5)
-    assert results["clip"]["average"] == pytest.approx(np.mean(expected), abs=1e-5)
-    assert results["clip"]["min"] == pytest.approx(min(expected), abs=1e-5)
     assert results["unified_score"] == pytest.approx(100 * np.mean(expected), abs=1e-3)
-    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
-    assert set(saved) >= {"clip", "overall_mean", "unified_score"} and set(saved["clip"]) >= {"scores", "average", "min", "max"}
-    (gens / "1.png").unlink()
-    with pytest.raises(DataError, match=r"no reconstruction .* e\.g\. 1\.png"):
-        eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
-            f"--generated={gens}", f"--references={refs}", f"--out_dir={tmp_path / 'ev'}", f"--clip={spec}"]))
+    assert results["reward_cosine"] is None and results["reward_cosine_per_image"] is None
+    with pytest.raises(ValueError, match="no judge configured"):
+        eval_unified.evaluate(eval_unified.configure(eval_unified.config, args + ["--clip="]))
+
+
+def test_paired_difference_by_hand():
+    import eval_unified
+    # t quantiles t_{0.975, df} from the tables; df 1 and 2 in closed form: tan(0.475 pi), 0.95 / sqrt(0.04875)
+    for df, t in ((1, math.tan(0.475 * math.pi)), (2, 0.95 / math.sqrt(0.04875)), (9, 2.2622), (29, 2.0452), (1000, 1.9623)):
+        assert eval_unified.t_critical(df) == pytest.approx(t, abs=1e-4)
+    # differences 1, 2, 4: mean 7/3, sd sqrt(7/3), t = sqrt(7), df 2 -> p = 1 - t / sqrt(2 + t^2) = 1 - sqrt(7) / 3
+    r = eval_unified.paired_difference({"x": 0.0, "y": 0.0, "z": 0.0, "only_a": 5.0}, {"x": 1.0, "y": 2.0, "z": 4.0})
+    half = 0.95 / math.sqrt(0.04875) * math.sqrt(7 / 3) / math.sqrt(3)
+    assert r["n"] == 3 and r["mean"] == pytest.approx(7 / 3) and r["p"] == pytest.approx(1 - math.sqrt(7) / 3, abs=1e-9)
+    assert r["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], abs=1e-6)
+    # df 1 (Cauchy): p = 1 - 2 atan(|t|) / pi; differences 1, 3 -> mean 2, se 1, t 2
+    assert eval_unified.paired_difference({"a": 0, "b": 0}, {"a": 1, "b": 3})["p"] == pytest.approx(1 - 2 * math.atan(2) / math.pi, abs=1e-9)
+    assert eval_unified.paired_difference({"a": 1, "b": 2}, {"a": 1, "b": 2})["p"] == 1.0  # no difference at all
+    assert eval_unified.paired_difference({"a": 1, "b": 2}, {"a": 2, "b": 3})["p"] == 0.0  # a constant shift
+    with pytest.raises(ValueError, match="at least 2"):
+        eval_unified.paired_difference({"a": 1}, {"a": 2, "b": 3})
+
+
+def test_mcnemar_by_hand():
+    import eval_unified
+    # 1 image lost, 9 gained, 5 passed in both, 5 failed in both: p = 2 (1 + 10) / 2^10 = 0.021484
+    a = {i: i < 6 for i in range(20)}
+    b = {i: 1 <= i < 15 for i in range(20)}
+    assert eval_unified.mcnemar(a, b) == pytest.approx({"n": 20, "lost": 1, "gained": 9, "p": 22 / 1024})
+    assert eval_unified.mcnemar(b, a)["p"] == pytest.approx(0.02148, abs=1e-5)
+    assert eval_unified.mcnemar(a, a) == {"n": 20, "lost": 0, "gained": 0, "p": 1.0}
+    assert eval_unified.mcnemar({0: True, 1: False}, {0: False, 1: True})["p"] == 1.0  # 1 vs 1: capped at 1
 
 
 def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
     import eval_unified
+    save_clip(tmp_path / "clip"), save_dinov2(tmp_path / "dinov2")  # the fixture's world has no judges
+    judges = [f"--clip=hf:{tmp_path / 'clip'}", f"--dinov2=hf:{tmp_path / 'dinov2'}", "--longclip=",
+              f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]
+    out = tmp_path / "ev"
     results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
-        f"--ckpt={tiny_world / 'dec'}", f"--data={tiny_world / 'bench.jsonl'}", f"--out_dir={tmp_path}",
-        f"--clip=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}", "--sample_steps=2", "--max_new_tokens=8"]))
+        f"--ckpt={tiny_world / 'dec'}", f"--data={tiny_world / 'bench.jsonl'}", f"--out_dir={out}", "--sample_steps=2",
+        "--max_new_tokens=8"] + judges))
+    assert set(results) == RELEASED_KEYS | {"unified_score", "unified_score_per_image", "reward_cosine", "reward_cosine_per_image",
+                                            "understanding", "generation", "unification", "config"}
     assert set(results["understanding"]) == {"recall", "small_object_recall", "attribute_accuracy", "precision", "caption_length"}
-    assert set(results["generation"]) == {"overall", "objects", "color", "shape", "size", "position", "count", "overall_3plus"}
-    assert set(results["unification"]) == {"unified_score", "scene_f1"}
-    assert len(results["clip"]["scores"]) == 8 and len(os.listdir(tmp_path / "reconstructions")) == 8
-    assert (tmp_path / "grid.png").exists() and len((tmp_path / "captions.jsonl").read_text().splitlines()) == 8
+    assert set(results["generation"]) == {"overall", "objects", "color", "shape", "size", "position", "count", "overall_3plus",
+                                          "overall_per_image", "unified_score", "unified_score_per_image"}
+    assert set(results["unification"]) == {"unified_score", "reward_cosine", "scene_f1", "mentioned_object_recall",
+                                           "captions_cut", "turns_cut"}
+    assert results["model_types"] == ["clip", "dinov2"]
+    assert all(s["total_images"] == s["valid_pairs"] == 8 for s in results["statistics_by_model"].values())
+    assert len(os.listdir(out / "reconstructions")) == 8
+    assert (out / "grid.png").exists() and len((out / "captions.jsonl").read_text().splitlines()) == 8
     # the tables are those of the written captions and scores, not just the right keys
-    texts = [json.loads(l)["caption"] for l in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    texts = [json.loads(l)["caption"] for l in (out / "captions.jsonl").read_text().splitlines()]
     report = shapes.caption_report(texts, shapes.scenes_of(read_jsonl(str(tiny_world / "bench.jsonl"))))
     assert results["understanding"] == pytest.approx(report, nan_ok=True)  # nan: an untrained encoder states nothing
-    scores = list(results["clip"]["scores"].values())
-    assert results["unified_score"] == pytest.approx(100 * sum(scores) / len(scores)) == pytest.approx(100 * results["clip"]["average"])
-    assert 0 <= results["unification"]["scene_f1"] <= 1 and all(0 <= v <= 1 for v in results["generation"].values())
-    clash = tmp_path / "clash.jsonl"  # reconstructions are stored by file name: two sources may not share one
-    clash.write_text('{"image": "a/0.png", "caption": "x"}\n{"image": "b/0.png", "caption": "y"}\n')
-    with pytest.raises(DataError, match=r"clash.jsonl:2: image file name 0.png is also used at .*clash.jsonl:1"):
+    per_image = list(results["unified_score_per_image"].values())
+    assert len(per_image) == 8 and results["unified_score"] == pytest.approx(np.mean(per_image)) == pytest.approx(
+        100 * np.mean(list(results["summary"]["average_scores_by_model"].values())))
+    assert results["unification"]["unified_score"] == results["unified_score"] and -1 <= results["reward_cosine"] <= 1
+    gen = results["generation"]
+    assert 0 <= results["unification"]["scene_f1"] <= 1 and all(0 <= gen[k] <= 1 for k in shapes.GENERATION_CATEGORIES)
+    assert gen["overall"] == np.mean(list(gen["overall_per_image"].values()))  # per-image exact matches, for McNemar
+    assert gen["unified_score"] == pytest.approx(np.mean(list(gen["unified_score_per_image"].values())))
+    recons = [load_image({"image_path": str(out / "reconstructions" / f), "where": f}) for f in sorted(os.listdir(out / "reconstructions"))]
+    assert results["unification"]["mentioned_object_recall"] == pytest.approx(
+        shapes.mentioned_object_recall(texts, recons), nan_ok=True)
+    tok = shapes.build_tokenizer()  # a caption stopped by the 8-token cap has 8 tokens and no eos
+    assert results["unification"]["captions_cut"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) >= 8 for t in texts)
+    clash = tmp_path / "clash.jsonl"  # reconstructions are stored as <stem>.png: two sources may not share one
+    clash.write_text('{"image": "a/0.png", "caption": "x"}\n{"image": "b/0.jpg", "caption": "y"}\n')
+    with pytest.raises(DataError, match=r"clash.jsonl:2: image file name 0.jpg gives reconstruction 0.png, as .*clash.jsonl:1 does"):
         eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
-            f"--ckpt={tiny_world / 'dec'}", f"--data={clash}", f"--out_dir={tmp_path}",
-            f"--clip=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]))
+            f"--ckpt={tiny_world / 'dec'}", f"--data={clash}", f"--out_dir={out}"] + judges))
 
 
 # ----------------------------------------------------------------------------- grpo_decoder
