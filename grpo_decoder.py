@@ -12,43 +12,9 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
 makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Measured here: with enough rollouts per step decoder RL raises the full loop's Unified-Score, the
-similarity its reward pays for; it does not raise GenEval-shapes, with this reward or with a perfect one.
-- Rollouts per step decide the Unified-Score. From the 78e9c85 speedrun's RL encoder, 60 steps, paired
-  with the stage's start on all 2,000 val images (same captions and seeds; eval_unified.py
-  --data=data/shapes/val.jsonl; start 83.17): 4 captions x 8 images per step (1.3 s a step) 83.00
-  (-0.17 +- 0.05 points); 40 captions x 8 images (9.6 s a step) 83.48 (+0.32 +- 0.06), its rollouts'
-  reward 0.825 -> 0.842 (first / last quarter), bench 84.05 -> 84.72. Hence the defaults: 40 captions,
-  30 steps (what the speedrun's 50 minutes leave). In the speedrun at 57bcfe4 (258 s): bench GenEval-shapes
-  0.94 -> 0.96, >=3 objects 0.882 -> 0.922, Unified-Score 85.67 -> 85.58, all within the bench's noise; on
-  the 2,000 val images Unified-Score 83.29 -> 83.38 (+0.09 +- 0.04), GenEval-shapes 0.9215 -> 0.9275.
-- The gain is no larger than the spread between runs. From that run's RL encoder, on the first 1,000 val
-  images (start 83.78): the default run +0.17 +- 0.07; beta 0, a near-identical update (the KL term is
-  ~1e-4), +0.03 +- 0.02; lr 1e-3 -0.03 +- 0.07; timestep_fraction 0.3 for 60 steps (342 s) +0.14 +- 0.08;
-  the default run continued to 60 steps +0.22 +- 0.08 (bench Unified-Score 85.65 against the start's 85.67).
-- GenEval-shapes (the true captions) stays where the pretrained decoder left it. The same runs, against
-  the start's 0.9255 (scenes lost / gained, McNemar p): 4 captions 0.9295 (66 / 74, p 0.55); 40 captions
-  0.924 (64 / 61, p 0.86); 4 captions at lr 3e-5 for 300 steps 0.9265 (29 / 31, p 0.90); the >=3-object
-  scenes 0.888 -> 0.898 (47 / 57, p 0.38) and 0.884 (44 / 40, p 0.74) for 4 and 40 captions. The
-  pretrained decoder already draws about 93% of the scenes exactly. Untested guess for the rest: paid
-  through the encoder's captions (attribute accuracy 0.69), the reward favours guessing the source over
-  following the caption.
-- The reward is not what stops it. From the 64eb1b8 run's RL encoder at 4 captions x 8 images
-  (experiments/decoder_rl/oracle_reward.py and paired_geneval.py on branch decoder-rl-snr), GenEval-shapes
-  on the 2,000 val scenes against the start's 0.9245 (lost / gained, p), at the last step:
-  - true captions, reward = the oracle's scene-F1 against the source, 300 steps: 0.924 (81 / 80, p 1.0),
-    though its rollouts' reward rose 0.836 -> 0.865 (first / last 25 steps);
-  - true captions, the reconstruction reward, 300 steps: 0.914 (84 / 63, p 0.10);
-  - lr 3e-5, 300 steps: oracle reward, true captions 0.9265 (20 / 24, p 0.65);
-  - rollouts near the evaluation sampler (train_steps=20, sde_steps=2, timestep_fraction 1.0), 240 steps:
-    oracle reward 0.9095 (92 / 62, p 0.02); reconstruction reward, encoder captions 0.5625 (a collapse).
-- Why so many rollouts, from earlier stops (weaker decoders): the reward ranks a caption's rollouts
-  rightly (AUC 0.78 for exactly-right vs wrong images), but the cosine between the LoRA gradients of two
-  independent rollout batches of 8 captions x 8 images is about 0, at best 0.09: Adam turns that noise
-  into full-size steps, a random walk away from the pretrained optimum. The update itself works: on a
-  fixed pool of 16 captions seen again and again, the exact-scene rate on them rose 0.727 -> 0.844 in 200
-  steps. No other setting helped at 4-8 captions per step (lr 3e-5..1e-3, beta 0.01..0.04, group or
-  batch advantage std, shared starting noise, sde_steps 1/2, true captions).
+Its measurements (rollouts per step, a perfect-reward control, why GenEval-shapes did not move on the
+first world) are in RESULTS.md.
+
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """
 import os
@@ -77,7 +43,7 @@ config = dict(
     grad_clip=1.0,  # max gradient norm
     # rollout
     max_steps=30,  # RL steps
-    captions_per_step=40,  # source images (one caption each) per step, global (docstring: 4 lowered the Unified-Score)
+    captions_per_step=40,  # source images (one caption each) per step, global (RESULTS.md: 4 lowered the Unified-Score)
     group_size=8,  # G images per caption
     greedy_captions=True,  # captions from the encoder: greedy (True) or sampled at temperature
     temperature=0.7,  # caption temperature when sampled

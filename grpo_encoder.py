@@ -12,14 +12,7 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
     torchrun --nproc_per_node=8 grpo_encoder.py --init_from=out/paper_cold_start --data_dir=/data/longcap \
         --reward_backbone=open_clip:ViT-L-14-quickgelu:/ckpt/ViT-L-14.pt   # paper scale (README)
 
-Measured here (defaults, 2 processes, 870 s, in the speedrun at 57bcfe4; val probe of 100 images): small-
-object recall 0.007 / 0.577 / 0.657 / 0.701 / 0.781 / 0.693 / 0.723 at steps 40 / 160 / 360 / 520 / 560 /
-640 / 720, precision 1.000 / 0.986 / 0.969 / 0.974 / 0.962 / 0.982 / 0.967; on the bench 0.835 at 720. The
-encoder learns to list small objects and to state positions, which it gets wrong often (attribute
-accuracy 0.69 at step 720). The val probe plateaus from about 520, but the steps after it still pay on the
-bench: stopped at 560 (the 6e0d718 speedrun) the same run had small-object recall 0.872 and
-Unified-Score 80.49, at 720 0.835 and 85.67. The frozen decoder renders at the bench's CFG 1.25: on the
-78e9c85 run, CFG 3 gave 0.812 and 84.05 at 720 (README "guidance").
+Its measurements (small-object recall 0.008 -> 0.835 on the first world's bench) are in RESULTS.md.
 
 Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
 reward_curve.png.
@@ -50,7 +43,7 @@ config = dict(
     weight_decay=0.0,  # AdamW weight decay
     grad_clip=1.0,  # max gradient norm
     # rollout
-    max_steps=720,  # RL steps (docstring: 560 named more small objects, 720 scored 5.2 Unified-Score points more)
+    max_steps=720,  # RL steps (chosen on the first world's bench: to be re-chosen on val, RESULTS.md)
     images_per_step=8,  # B source images per step (global; each group lives on one rank)
     group_size=8,  # G captions per image
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same

@@ -19,30 +19,8 @@ v = eps - x0, plain MSE. Captions are replaced by the empty string with probabil
 same network gives the unconditional velocity for CFG. The checkpoint holds the EMA weights (what
 sampling uses); the raw weights sit in training_state.pt.
 
-Measured on the shapes world (GenEval-shapes on 100 val captions, 1 CPU thread, batch 32):
-- velocity prediction (SD3) leaves the DiT copying the input noise through a 128-wide token that must
-  emit 128 latent values: even given a perfect per-cell condition its x0 error at sigma 0.95 exceeded
-  the data's variance. x-prediction (prediction="sample", see model.velocity) with the same v-loss
-  reached 0.26 in 1,500 steps on that perfect condition; an x0-space loss learned slower (text
-  reliance 0.76 vs 0.43 at 750 steps);
-- the LLM's states share one dominant direction; standardising them (set_text_stats) took text
-  reliance at 1,500 steps from 0.58 to 0.40, and 3,000 steps then gave 0.22 (the velocity decoder of
-  the previous defaults: 0.03 after 6,000);
-- the layout is decided at high noise, hence SD3's timestep shift 3 (shift 6: 0.02 vs 0.04 at 1,500
-  steps; no shift: the DiT barely reads the caption at sigma 0.9). Not better at 1,500 steps: sinusoidal
-  text positions, a windowed (conv) projector, lr 2e-3, a position-first caption grammar, extra LM
-  training of the LLM on long captions.
-At 1,500 steps of 64 (1 thread, 200 val captions; same encoder): the defaults above but with 48 text
-tokens reached 0.035 (text reliance 0.30), 40 tokens 0.075 (0.25) at 13% less time per step: fewer pad
-tokens to attend to. Not better at 1,500 steps: 6 DiT blocks (0.035), 8 heads of 16 (0.035),
-adaLN-zero init (0.030), timestep_mean 1.0 / 1.5 with 40 tokens (0.070 / 0.035: the DiT reads the
-caption more, reliance 0.12 / 0.10, but draws objects worse).
-Sample count is what matters most. The training step runs the math attention kernel (Runtime.autocast)
-and is compiled: 200 -> 88 ms per step of 64 here. One 9,600-step run (2 threads, 904 s) gave
-GenEval-shapes 0.31 / 0.56 / 0.77 / 0.85 / 0.865 at steps 3,200 / 4,800 / 6,400 / 8,000 / 9,600 (>= 3
-objects: 0.07 / 0.31 / 0.62 / 0.78 / 0.80). The default stops at 8,000 for a margin under the 25-minute
-budget of both pretraining stages: in the speedrun at 64eb1b8 they took 18.5 min, and this stage reached
-0.915 on 200 val captions (0.895 at 6,000).
+The design choices above (x-prediction, standardised text states, timestep shift 3, compiled loss with
+the math attention kernel) and their measurements are in RESULTS.md.
 """
 import contextlib
 import copy
@@ -84,13 +62,13 @@ config = dict(
     text_positions=True,  # with new_decoder: learned text-position embedding into the projector (model.replace_decoder)
     prediction="sample",  # with new_decoder: the DiT outputs x0 ("sample") or the velocity ("velocity", SD3); see model.velocity
     # optimisation
-    max_steps=8000,  # optimizer steps (docstring: 0.77 at 6,400 and 0.85 at 8,000 of a 9,600-step run)
+    max_steps=8000,  # optimizer steps (RESULTS.md: not yet the val plateau on the mixed corpus)
     batch_size=64,  # global batch (split over ranks)
     lr=1e-3,  # AdamW peak learning rate
     warmup=100,  # linear warmup steps
     weight_decay=0.0,  # AdamW weight decay
     grad_clip=1.0,  # max gradient norm
-    timestep_shift=3.0,  # with new_decoder: the scheduler's sigma shift, used by training and sampling (SD3: 3.0; docstring)
+    timestep_shift=3.0,  # with new_decoder: the scheduler's sigma shift, used by training and sampling (SD3: 3.0; RESULTS.md)
     timestep_mean=0.0,  # location m of the logit-normal timestep density (SD3 §3.1; m > 0 favours high noise)
     loss_space="velocity",  # MSE on the velocity (SD3) or on the clean latent x0_hat = x_t - sigma v ("sample": sigma^2-weighted)
     cond_dropout=0.1,  # P(caption -> "") so CFG has an unconditional branch

@@ -225,7 +225,10 @@ def train_hf_clip(cfg, data, path: str, val) -> dict:
                                    crop_size={"height": shapes.CANVAS, "width": shapes.CANVAS})
     prep = normalizer(processor.image_mean, processor.image_std)
     image = lambda x: model.get_image_features(pixel_values=x).pooler_output
-    text = lambda ids: model.get_text_features(input_ids=ids, attention_mask=(ids != 0) | (torch.arange(ids.shape[1]) == (ids != 0).sum(1, keepdim=True))).pooler_output
+
+    def text(ids):  # attend to the caption and its end token (the first 0), whose state CLIP pools
+        words = (ids != 0).sum(1, keepdim=True)
+        return model.get_text_features(input_ids=ids, attention_mask=torch.arange(ids.shape[1]) <= words).pooler_output
     model.train()
     report = train_contrastive("clip judge", image, text, world_token_ids(data["captions"], context), list(model.parameters()),
                                model.logit_scale, prep, data, cfg.judge_steps, cfg.judge_batch, cfg.judge_lr, seed)
