@@ -22,9 +22,8 @@ Writes out_dir/: reconstructions/ (<stem>.png), captions.jsonl, grid.png and res
 scorer's model_types, similarities_by_model (a source without reconstruction scores null),
 statistics_by_model (total_images = sources, valid_pairs = those matched) and summary, plus
 unified_score, unified_score_per_image (100 x the image's mean over judges), reward_cosine and
-reward_cosine_per_image. The per-image scores let two checkpoints be compared image by image
-(paired_difference; mcnemar for per-image pass/fail), which removes the between-image variance that
-dwarfs their difference. On the shapes world (records carry "scene") it adds the oracle tables:
+reward_cosine_per_image, so that two checkpoints are compared image by image (paired_difference;
+mcnemar for pass/fail). On the shapes world (records carry "scene") it adds the oracle tables:
 understanding (recall, small-object recall, attribute accuracy, precision, caption length),
 generation (GenEval-shapes from the TRUE long captions: overall, per category, >=3-object subset, each
 image's exact match for McNemar tests, and the judges' Unified-Score of these images: the ceiling a
