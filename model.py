@@ -915,6 +915,14 @@ class UAE(nn.Module):
         return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))
 
 
+def condition_drift(cond: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Squared distance of the decoder's conditioning from a frozen reference, relative to the latter's
+    size (fp32). An LLM adapter (cold start, encoder RL) lives in the one LLM that also encodes captions
+    for the decoder (DESIGN §3); unanchored it moves the generate-role states the DiT was trained on."""
+    cond, reference = cond.float(), reference.float()
+    return ((cond - reference) ** 2).mean() / reference.pow(2).mean()
+
+
 # ============================================================================ the GRPO loss (hand-written)
 
 

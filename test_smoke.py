@@ -1429,6 +1429,14 @@ def test_cold_start_conditions_the_decoder_on_caption_text_only(tiny_world):
     assert torch.equal(cond[0], cond[1]) and not torch.allclose(seen[0], seen[1])
 
 
+def test_condition_drift_by_hand():
+    ref = torch.tensor([[[1.0, -1.0], [2.0, 0.0]]])  # mean square 6 / 4 = 1.5
+    assert M.condition_drift(ref, ref).item() == 0.0
+    moved = ref + torch.tensor([[[0.5, 0.5], [-1.0, 0.0]]])  # mean square error (0.25 + 0.25 + 1) / 4 = 0.375
+    assert M.condition_drift(moved.bfloat16(), ref).item() == pytest.approx(0.375 / 1.5)
+    assert M.condition_drift(moved, ref).dtype == torch.float32
+
+
 def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
     import cold_start
     out = tmp_path / "cold"
@@ -1438,7 +1446,8 @@ def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
             f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]
     capsys.readouterr()
     cold_start.main(args + ["--max_steps=2"])
-    assert "step 2 loss" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "step 2 loss" in text and float(text.split("step 2 loss")[1].split(" drift ")[1].split()[0]) > 0
     before, after = M.UAE.load(str(tiny_world / "dec")), M.UAE.load(str(out))
     changed = lambda a, b: any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert changed(before.transformer, after.transformer) and changed(before.projector, after.projector)
