@@ -157,10 +157,11 @@ def set_latent_stats(model, rt, cfg, n=2000):
 
 @torch.no_grad()
 def set_text_stats(model, rt, states):
-    """Per-channel mean / std of the frozen LLM's raw states (text_features) of some captions' generate
-    turns (pads included: the DiT reads them too), so the projector sees standardised inputs
+    """Per-channel mean / std of the frozen LLM's raw states (text_features) of the caption tokens of
+    some generate turns (pads are zeros and are left out), so the projector sees standardised inputs
     (model.UAE.project)."""
     states = states.float().flatten(0, 1)
+    states = states[states.abs().amax(-1) > 0]  # the caption tokens; pads are zeros (UAE.text_hidden_states)
     model.text_shift.copy_(states.mean(0))
     model.text_scale.copy_(1 / states.std(0).clamp(min=1e-6))
     rt.print(f"text states: |mean| {model.text_shift.norm():.2f}, median std {states.std(0).median():.3f}")

@@ -97,6 +97,26 @@ def test_text_window_fits_six_objects_and_refuses_longer(tiny_world):
         pretrain_decoder.corpus(model, records, {"caption": 1.0})
 
 
+def test_pads_carry_no_text(tiny_world):
+    """The decoder reads a caption's tokens only: its pads are exact zeros, which project() maps to the
+    position embedding alone, and the text statistics are those of the caption tokens."""
+    import types
+    import pretrain_decoder
+    model = M.UAE.load(str(tiny_world / "dec")).eval()
+    texts = ["a red circle.", "a large blue square at the top left and a small green triangle."]
+    with torch.no_grad():
+        n = model.text_tokens(texts)["attention_mask"].sum(1).tolist()
+        hidden, cond = model.text_hidden_states(texts), model.condition(texts)
+    assert n[0] < n[1] < model.max_text_tokens
+    assert (hidden[0, n[0]:] == 0).all() and (hidden[0, :n[0]].abs().amax(-1) > 0).all()
+    assert torch.equal(cond[0, n[1]:], cond[1, n[1]:]) and not torch.allclose(cond[0, :n[0]], cond[1, :n[0]])
+    states = torch.zeros(2, 3, hidden.shape[-1])
+    states[0, :2], states[1, :1] = torch.randn(2, hidden.shape[-1]), torch.randn(1, hidden.shape[-1])
+    tokens = torch.cat([states[0, :2], states[1, :1]])
+    pretrain_decoder.set_text_stats(model, types.SimpleNamespace(print=lambda *a: None), states)
+    assert torch.allclose(model.text_shift, tokens.mean(0)) and torch.allclose(model.text_scale, 1 / tokens.std(0))
+
+
 def test_metrics_by_hand():
     O = shapes.Obj
     scene = shapes.canonical([O("top left", "red", "circle", "large"), O("center", "blue", "square", "small"),
@@ -653,10 +673,12 @@ def test_text_standardisation_by_hand_and_save_load(tiny_uae, tmp_path):
     hidden = model.text_hidden_states(["a red circle.", "a small blue square at the top."])
     with torch.no_grad():
         assert torch.equal(model.project(hidden), model.projector(hidden))  # identity until set
-        model.text_shift.copy_(hidden.flatten(0, 1).mean(0))
-        model.text_scale.copy_(1 / hidden.flatten(0, 1).std(0))
-        standard = (hidden - hidden.flatten(0, 1).mean(0)) / hidden.flatten(0, 1).std(0)
-        torch.testing.assert_close(standard.flatten(0, 1).std(0), torch.ones(hidden.shape[-1]))
+        is_text = hidden.abs().amax(-1) > 0  # pads are exact zeros and stay so (test_pads_carry_no_text)
+        tokens = hidden[is_text]
+        model.text_shift.copy_(tokens.mean(0))
+        model.text_scale.copy_(1 / tokens.std(0))
+        standard = torch.where(is_text.unsqueeze(-1), (hidden - tokens.mean(0)) / tokens.std(0), 0)
+        torch.testing.assert_close(standard[is_text].std(0), torch.ones(hidden.shape[-1]))
         torch.testing.assert_close(model.project(hidden), model.projector(standard))
         model.save(str(tmp_path / "ckpt"), trained=("llm", "processor", "transformer", "vae", "scheduler"))
         loaded = M.UAE.load(str(tmp_path / "ckpt")).eval()
