@@ -29,9 +29,13 @@ import time
 import torch
 from tqdm import tqdm
 
-import model as M
+from common import (
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, NonFiniteGuard, own_rank,
+    save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
+from lora import load_lora, lora_disabled
+import model as M
 from reward import ReconstructionReward, cosine, load_backbone
 
 config = dict(
@@ -70,7 +74,7 @@ def decoder_condition(model, captions: M.Captions) -> torch.Tensor:
 
 def main(argv=None):
     cfg = configure(config, argv)
-    rt, state = M.start_run(cfg)
+    rt, state = start_run(cfg)
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
@@ -82,12 +86,12 @@ def main(argv=None):
     for p in decoder_params:
         p.requires_grad_(True)
     params = lora + decoder_params
-    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
+    broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr_lora}, {"params": decoder_params, "lr": cfg.lr_decoder}],
                             betas=(0.9, 0.99), weight_decay=0.0)
     step = 0
     if state is not None:
-        M.load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
+        load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
         for m, sd in zip(decoder, state["decoder"]):
             m.load_state_dict(sd)
         opt.load_state_dict(state["optimizer"])
@@ -98,10 +102,10 @@ def main(argv=None):
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
     images = load_images(train)
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
-    t0, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
+    t0, guard = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
-        M.set_rng_state(state["rng"])
-        reward_fn.load_cache(M.own_rank(state.get("rank_state")))
+        set_rng_state(state["rng"])
+        reward_fn.load_cache(own_rank(state.get("rank_state")))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
     while step < cfg.max_steps:
         idx = torch.randint(0, len(train), (local_batch,))
@@ -111,7 +115,7 @@ def main(argv=None):
             captions = model.caption(x, 1, cfg.temperature, cfg.max_new_tokens)  # the encoder's own words
         model.train()
         anchor_texts = [train[i]["caption"] for i in idx.tolist()] + [""]  # what the decoder learned to read
-        with torch.no_grad(), M.lora_disabled(model.llm), rt.autocast():
+        with torch.no_grad(), lora_disabled(model.llm), rt.autocast():
             reference = model.condition(anchor_texts)
         with rt.autocast(training=True):
             logp = model.caption_logprobs(captions.prompt, captions.ids, 1.0)
@@ -123,24 +127,24 @@ def main(argv=None):
         mask = captions.mask.bool()
         ce = -torch.where(mask, logp, 0.0).sum() / mask.sum()
         loss = (1 - similarity).mean() + cfg.ce_weight * ce + cfg.anchor_weight * drift
-        if not guard.passed(M.all_finite(loss), step + 1):
+        if not guard.passed(all_finite(loss), step + 1):
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        M.all_reduce_grads(params)
+        all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0:
-            rt.print(f"step {step} loss {M.all_reduce_mean(loss.detach()).item():.4f} "
-                     f"similarity {M.all_reduce_mean(similarity.detach().mean()).item():.4f} "
-                     f"ce {M.all_reduce_mean(ce.detach()).item():.4f} drift {M.all_reduce_mean(drift.detach()).item():.5f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
+            rt.print(f"step {step} loss {all_reduce_mean(loss.detach()).item():.4f} "
+                     f"similarity {all_reduce_mean(similarity.detach().mean()).item():.4f} "
+                     f"ce {all_reduce_mean(ce.detach()).item():.4f} drift {all_reduce_mean(drift.detach()).item():.5f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg),
+            save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg),
                               {"decoder": [m.state_dict() for m in decoder]}, rank_state=reward_fn.cache_state())
     bar.close()
-    M.end_run(rt, step, t0)
+    end_run(rt, step, t0)
 
 
 if __name__ == "__main__":

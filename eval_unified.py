@@ -41,11 +41,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-import model as M
-import shapes
+from common import setup_runtime
 from configurator import configure
 from data import DataError, load_image, read_jsonl, save_grid, to_uint8_hwc, write_json
+import model as M
 from reward import cosine, load_backbone
+import shapes
 
 config = dict(
     ckpt="",  # UAE checkpoint to evaluate (empty with --generated: score existing images)
@@ -156,7 +157,7 @@ def generate_from(model, rt, texts, cfg, generator, allow_cut: bool = False) -> 
 
 
 def evaluate(cfg) -> dict:
-    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     judges = {}
     for key in JUDGES:
         if getattr(cfg, key):

@@ -24,11 +24,15 @@ import time
 import torch
 from tqdm import tqdm
 
-import model as M
-import shapes
+from common import (
+    all_finite, all_reduce_grads, broadcast_from_master, end_run, group_reward_stats, NonFiniteGuard, own_rank,
+    save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
+from lora import load_lora, lora_disabled
+import model as M
 from reward import ADVANTAGE_STD, ReconstructionReward, group_advantages, load_backbone
+import shapes
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -111,7 +115,7 @@ def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: b
         with rt.autocast():
             _, logp, mean, step_std = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond, negative, cfg.cfg_scale,
                                                         cfg.noise_level, sigmas[1], prev_sample=x_next)
-            with torch.no_grad(), M.lora_disabled(model.transformer):
+            with torch.no_grad(), lora_disabled(model.transformer):
                 _, _, ref_mean, _ = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond, negative, cfg.cfg_scale,
                                                          cfg.noise_level, sigmas[1], prev_sample=x_next)
         kl = M.step_kl(mean, ref_mean, step_std)
@@ -120,13 +124,13 @@ def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: b
             totals["max_ratio_error"] = (torch.exp(logp.detach() - old) - 1).abs().max().item()
         loss, stats = M.grpo_loss(logp[:, None], old[:, None], None, advantages, ones, cfg.clip_eps, None, cfg.beta,
                                   kl=kl[:, None], return_stats=True)
-        if not M.all_finite(loss):
+        if not all_finite(loss):
             return {**totals, "finite": False}
         (loss / len(chosen)).backward()
         totals["loss"] += loss.item() / len(chosen)
         totals["kl"] += stats["kl"].item() / len(chosen)
         totals["clip_fraction"] += stats["clip_fraction"].item() / len(chosen)
-    M.all_reduce_grads(params)
+    all_reduce_grads(params)
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
     return {**totals, "finite": True}
@@ -147,7 +151,7 @@ def probe(model, rt, captions, scenes, cfg, step: int) -> dict:
 
 def main(argv=None):
     cfg = configure(config, argv)
-    rt, state = M.start_run(cfg)
+    rt, state = start_run(cfg)
     if state == "complete":
         return
     if cfg.advantage_std not in ADVANTAGE_STD:
@@ -156,11 +160,11 @@ def main(argv=None):
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("transformer", cfg.lora_r, cfg.lora_alpha, M.DIT_LORA_TARGETS)
-    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
+    broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, history = 0, []
     if state is not None:
-        M.load_lora(model.transformer, os.path.join(cfg.out_dir, "lora_transformer"))
+        load_lora(model.transformer, os.path.join(cfg.out_dir, "lora_transformer"))
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
@@ -171,12 +175,12 @@ def main(argv=None):
     images = load_images(train)
     val_captions = [r["caption"] for r in val]
     val_scenes = shapes.scenes_of(val)
-    t_start, guard, first = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), True
+    t_start, guard, first = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), True
     if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
         probe(model, rt, val_captions, val_scenes, cfg, step)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
-        M.set_rng_state(state["rng"])
-        reward_fn.load_cache(M.own_rank(state.get("rank_state")))
+        set_rng_state(state["rng"])
+        reward_fn.load_cache(own_rank(state.get("rank_state")))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_decoder")
     while step < cfg.max_steps:
         t0 = time.time()
@@ -184,7 +188,7 @@ def main(argv=None):
         out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
         rewards = out["rewards"]
         stats = {"finite": False}
-        if M.all_finite(rewards):
+        if all_finite(rewards):
             advantages = group_advantages(rewards, cfg.group_size, cfg.advantage_std).clamp(-cfg.adv_clip, cfg.adv_clip)
             t1 = time.time()
             stats = policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy=first)
@@ -198,7 +202,7 @@ def main(argv=None):
             first = False
         step += 1
         bar.update(1)
-        row = {"step": step, **M.group_reward_stats(rewards, cfg.group_size),
+        row = {"step": step, **group_reward_stats(rewards, cfg.group_size),
                "kl": stats["kl"], "clip_fraction": stats["clip_fraction"], "loss": stats["loss"],
                "max_ratio_error": stats["max_ratio_error"], "seconds": time.time() - t0,
                **{f"t_{k}": v for k, v in out["seconds"].items()}}
@@ -209,10 +213,10 @@ def main(argv=None):
         if rt.master and val_scenes is not None and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             history[-1]["probe"] = probe(model, rt, val_captions, val_scenes, cfg, step)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), history=history,
+            save_checkpoint(cfg.out_dir, model, ("transformer",), opt, step, vars(cfg), history=history,
                               rank_state=reward_fn.cache_state())
     bar.close()
-    M.end_run(rt, step, t_start)
+    end_run(rt, step, t_start)
 
 
 if __name__ == "__main__":

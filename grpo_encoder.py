@@ -24,11 +24,15 @@ import time
 import torch
 from tqdm import tqdm
 
-import model as M
-import shapes
+from common import (
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, group_reward_stats,
+    NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
+from lora import load_lora, lora_disabled
+import model as M
 from reward import ReconstructionReward, group_advantages, load_backbone
+import shapes
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -78,7 +82,7 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
     with rt.autocast():
         captions = model.caption(images, cfg.group_size, cfg.temperature, cfg.max_new_tokens)
     t1 = time.time()
-    with M.lora_disabled(model.llm), rt.autocast():  # the decoder's text encoder stays frozen
+    with lora_disabled(model.llm), rt.autocast():  # the decoder's text encoder stays frozen
         anchor_texts = captions.texts + [""]  # the captions and the CFG negative prompt
         reference = model.condition(anchor_texts, allow_cut=True)
         cond = reference[:-1]
@@ -113,10 +117,10 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
             old = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
     ref = None
     if cfg.beta != 0:
-        with torch.no_grad(), M.lora_disabled(model.llm), rt.autocast():
+        with torch.no_grad(), lora_disabled(model.llm), rt.autocast():
             ref = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
     mask = captions.mask.float()
-    tokens_per_rank = M.all_reduce_mean(mask.sum())  # "token" aggregation over every rank's captions (grpo_loss)
+    tokens_per_rank = all_reduce_mean(mask.sum())  # "token" aggregation over every rank's captions (grpo_loss)
     for _ in range(cfg.mu):
         with rt.autocast():
             logp = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
@@ -126,11 +130,11 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
                                   return_stats=True, tokens_per_rank=tokens_per_rank)
         stats["drift"] = condition_drift(model, rt, out["anchor_texts"], out["reference_condition"])
         loss = loss + cfg.anchor_weight * stats["drift"]
-        if not M.all_finite(loss):
+        if not all_finite(loss):
             return {"loss": loss.detach(), **stats, "finite": False}
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        M.all_reduce_grads(params)
+        all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
     return {"loss": loss.detach(), **stats, "finite": True}
@@ -138,7 +142,7 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
 
 def main(argv=None):
     cfg = configure(config, argv)
-    rt, state = M.start_run(cfg)
+    rt, state = start_run(cfg)
     if state == "complete":
         return
     local_images = rt.per_rank(cfg.images_per_step, "images_per_step")  # an image's group stays on one rank
@@ -146,11 +150,11 @@ def main(argv=None):
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
-    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
+    broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step, history = 0, []
     if state is not None:
-        M.load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
+        load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
         opt.load_state_dict(state["optimizer"])
         step, history = state["step"], state["history"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
@@ -163,17 +167,17 @@ def main(argv=None):
     probe_images = load_images(probe_records)
     probe_scenes = shapes.scenes_of(probe_records)
     # ---- loop
-    t_start, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
+    t_start, guard = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
-        M.set_rng_state(state["rng"])
-        reward_fn.load_cache(M.own_rank(state.get("rank_state")))
+        set_rng_state(state["rng"])
+        reward_fn.load_cache(own_rank(state.get("rank_state")))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="grpo_encoder")
     while step < cfg.max_steps:
         t0 = time.time()
         idx = torch.randint(0, len(train), (local_images,))
         out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
         rewards = out["rewards"]
-        if not M.all_finite(rewards):
+        if not all_finite(rewards):
             stats = {"finite": False}
         else:
             advantages = group_advantages(rewards, cfg.group_size)
@@ -184,11 +188,11 @@ def main(argv=None):
             continue
         step += 1
         bar.update(1)
-        row = {"step": step, **M.group_reward_stats(rewards, cfg.group_size),
-               "kl": M.all_reduce_mean(stats["kl"].float()).item(), "drift": M.all_reduce_mean(stats["drift"].detach()).item(),
-               "clip_fraction": M.all_reduce_mean(stats["clip_fraction"]).item(),
-               "loss": M.all_reduce_mean(stats["loss"].float()).item(),
-               "caption_length": M.all_reduce_mean(out["captions"].mask.float().sum(1).mean()).item(),
+        row = {"step": step, **group_reward_stats(rewards, cfg.group_size),
+               "kl": all_reduce_mean(stats["kl"].float()).item(), "drift": all_reduce_mean(stats["drift"].detach()).item(),
+               "clip_fraction": all_reduce_mean(stats["clip_fraction"]).item(),
+               "loss": all_reduce_mean(stats["loss"].float()).item(),
+               "caption_length": all_reduce_mean(out["captions"].mask.float().sum(1).mean()).item(),
                "seconds": time.time() - t0, **{f"t_{k}": v for k, v in out["seconds"].items()}}
         history.append(row)
         if step % cfg.log_interval == 0:
@@ -199,10 +203,10 @@ def main(argv=None):
             report = shapes.probe_captioner(model, rt, probe_images, probe_scenes, cfg.max_new_tokens, step)
             history[-1]["probe"] = {k: v for k, v in report.items() if k != "example"}
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), history=history,
+            save_checkpoint(cfg.out_dir, model, ("llm",), opt, step, vars(cfg), history=history,
                               rank_state=reward_fn.cache_state())
     bar.close()
-    M.end_run(rt, step, t_start)
+    end_run(rt, step, t_start)
 
 
 if __name__ == "__main__":

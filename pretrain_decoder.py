@@ -33,10 +33,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from tqdm import tqdm
 
-import model as M
-import shapes
+from common import (
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, lr_at, NonFiniteGuard,
+    save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
+import model as M
+import shapes
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -240,14 +243,14 @@ def ema_weights(modules, ema):
 
 def main(argv=None):
     cfg = configure(config, argv)
-    rt, state = M.start_run(cfg)
+    rt, state = start_run(cfg)
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
     model = build_model(cfg, rt)
     trained = model.decoder_modules()
     params = [p for m in trained for p in m.parameters()]
-    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
+    broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     ema = copy.deepcopy(trained)
     for m in ema:
         m.requires_grad_(False)
@@ -289,11 +292,11 @@ def main(argv=None):
     eval_gen = torch.Generator(device=rt.device)
     # ---- loop
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
-        M.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_decoder")
-    t_log, guard = time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
+    t_log, guard = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     while step < cfg.max_steps:
-        lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(train), (local_batch,))
@@ -311,11 +314,11 @@ def main(argv=None):
         sigma = shift * sigma / (1 + (shift - 1) * sigma)
         with rt.autocast(training=True):
             loss = loss_fn(model, x0, h, sigma, torch.randn_like(x0), cfg.loss_space)
-        if not guard.passed(M.all_finite(loss), step + 1):
+        if not guard.passed(all_finite(loss), step + 1):
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        M.all_reduce_grads(params)
+        all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         with torch.no_grad():
@@ -325,7 +328,7 @@ def main(argv=None):
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0:
-            loss_avg = M.all_reduce_mean(loss.detach()).item()
+            loss_avg = all_reduce_mean(loss.detach()).item()
             dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
             rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms elapsed {time.time() - t0:.0f}s")
         last = step == cfg.max_steps
@@ -343,10 +346,10 @@ def main(argv=None):
                 if saving:  # every rank: the RNG states are gathered
                     trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
                                     (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
-                    M.save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg),
+                    save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg),
                                       {"raw": raw, "ema": [e.state_dict() for e in ema]})
     bar.close()
-    M.end_run(rt, step, t0)
+    end_run(rt, step, t0)
 
 
 if __name__ == "__main__":

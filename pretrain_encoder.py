@@ -17,10 +17,13 @@ import time
 import torch
 from tqdm import tqdm
 
-import model as M
-import shapes
+from common import (
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, lr_at, NonFiniteGuard,
+    save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
+import model as M
+import shapes
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -81,7 +84,7 @@ def caption_ids(model, texts: list[str]) -> torch.Tensor:
 
 def main(argv=None):
     cfg = configure(config, argv)
-    rt, state = M.start_run(cfg)
+    rt, state = start_run(cfg)
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
@@ -102,7 +105,7 @@ def main(argv=None):
     rt.print(f"encoder: {n_params / 1e6:.2f}M trainable parameters (Qwen2.5-VL architecture)")
     matrices = [p for p in params if p.ndim >= 2]
     vectors = [p for p in params if p.ndim < 2]
-    M.broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
+    broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": cfg.weight_decay},
                              {"params": vectors, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     step = 0
@@ -119,12 +122,12 @@ def main(argv=None):
     train_images = load_images(train)
     val_images, val_scenes = load_images(val), shapes.scenes_of(val)
     # ---- loop
-    t0, t_log, guard = time.time(), time.time(), M.NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
+    t0, t_log, guard = time.time(), time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
-        M.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="pretrain_encoder")
     while step < cfg.max_steps:
-        lr = M.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
+        lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(train), (local_batch,))
@@ -134,17 +137,17 @@ def main(argv=None):
             logp = model.caption_logprobs(prompt, ids, temperature=1.0)
         mask = ids != model.tokenizer.pad_token_id
         loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
-        if not guard.passed(M.all_finite(loss), step + 1):
+        if not guard.passed(all_finite(loss), step + 1):
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        M.all_reduce_grads(params)
+        all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0:
-            loss_avg = M.all_reduce_mean(loss.detach()).item()
+            loss_avg = all_reduce_mean(loss.detach()).item()
             dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
             rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms "
                      f"elapsed {time.time() - t0:.0f}s")
@@ -152,9 +155,9 @@ def main(argv=None):
             if rt.master and val_scenes is not None:
                 shapes.probe_captioner(model, rt, val_images, val_scenes, cfg.max_new_tokens, step, batch_size=64)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            M.save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg))
+            save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg))
     bar.close()
-    M.end_run(rt, step, t0)
+    end_run(rt, step, t0)
 
 
 if __name__ == "__main__":

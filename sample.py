@@ -13,9 +13,10 @@ import sys
 import torch
 from PIL import Image
 
-import model as M
+from common import setup_runtime
 from configurator import configure
 from data import load_images, read_jsonl, save_grid, to_uint8_hwc
+import model as M
 
 config = dict(
     ckpt="out/pretrain_decoder",  # UAE checkpoint directory
@@ -40,7 +41,7 @@ def main(argv=None):
     cfg = configure(config, argv)
     if cfg.mode not in ("i2t", "t2i", "i2i"):
         raise ValueError(f"--mode must be i2t, t2i or i2i, got {cfg.mode!r}")
-    rt = M.setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
     os.makedirs(cfg.out_dir, exist_ok=True)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)

@@ -554,8 +554,10 @@ def test_reconstruction_reward_and_source_cache(shapes_clip_file):
         rr.reconstruction_reward(x[:2], x_hat[:2], ["a", "b", "c"])
 
 
-# ----------------------------------------------------------------------------- model.py: LoRA, samplers, log-probs
+# ----------------------------------------------------------------------------- model.py and lora.py: LoRA, samplers, log-probs
 
+import common  # noqa: E402
+import lora  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -603,10 +605,10 @@ def test_lora_zero_init_off_on_merge_and_peft_layout(tiny_uae, tmp_path):
             p.add_(torch.randn_like(p) * 0.1)
         adapted = model.condition(texts)
         assert not torch.allclose(adapted, before)
-        with M.lora_disabled(model.llm):  # the GRPO reference: adapters off
+        with lora.lora_disabled(model.llm):  # the GRPO reference: adapters off
             torch.testing.assert_close(model.condition(texts), before)
         torch.testing.assert_close(model.condition(texts), adapted)
-    M.save_lora(model.llm, str(tmp_path), 4, 8, "/ckpt/base_llm")
+    lora.save_lora(model.llm, str(tmp_path), 4, 8, "/ckpt/base_llm")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
     assert config["base_model_name_or_path"] == "/ckpt/base_llm"
@@ -614,20 +616,20 @@ def test_lora_zero_init_off_on_merge_and_peft_layout(tiny_uae, tmp_path):
     # it must pick exactly our adapted modules (the vision tower's MLP also has gate/up/down_proj)
     picked = {name for name, _ in model.llm.named_modules()
               if any(name == t or name.endswith("." + t) for t in config["target_modules"])}
-    assert picked == set(M.lora_layers(model.llm)) and len(picked) == 14
+    assert picked == set(lora.lora_layers(model.llm)) and len(picked) == 14
     assert any(n.endswith("mlp.gate_proj") and "visual" in n for n, _ in tiny_uae.llm.named_modules())
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert len(keys) == len(params)
     reloaded = copy.deepcopy(tiny_uae)
     reloaded.add_lora("llm", r=4, alpha=8, targets=M.LLM_LORA_TARGETS)
-    M.load_lora(reloaded.llm, str(tmp_path))
+    lora.load_lora(reloaded.llm, str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.condition(texts), adapted)
-        with M.lora_merged(reloaded.llm):  # how checkpoints are written: plain Linears, W + scale B A
-            assert not M.lora_layers(reloaded.llm)
+        with lora.lora_merged(reloaded.llm):  # how checkpoints are written: plain Linears, W + scale B A
+            assert not lora.lora_layers(reloaded.llm)
             torch.testing.assert_close(reloaded.condition(texts), adapted, atol=1e-5, rtol=1e-5)
-        assert len(M.lora_layers(reloaded.llm)) == 14  # and the adapters are back
+        assert len(lora.lora_layers(reloaded.llm)) == 14  # and the adapters are back
 
 
 def test_uae_save_load_identical_outputs(tiny_uae, tmp_path):
@@ -810,16 +812,16 @@ def test_sde_sampler_shapes_and_cfg(tiny_uae):
 # ----------------------------------------------------------------------------- training scripts, end to end
 
 def test_rng_states_restore_this_ranks_streams(capsys):
-    M.seed_everything(7)
-    saved = M.rng_states()  # one process: a list of one state
+    common.seed_everything(7)
+    saved = common.rng_states()  # one process: a list of one state
     draws = (random.random(), np.random.rand(), torch.rand(3))
-    M.seed_everything(8)
-    M.set_rng_state(saved)
+    common.seed_everything(8)
+    common.set_rng_state(saved)
     assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(3), draws[2])
-    M.seed_everything(8)
+    common.seed_everything(8)
     fresh = torch.rand(3)
-    M.seed_everything(8)
-    M.set_rng_state(saved * 2)  # written by two ranks, resumed by one: the fresh streams stay
+    common.seed_everything(8)
+    common.set_rng_state(saved * 2)  # written by two ranks, resumed by one: the fresh streams stay
     assert torch.equal(torch.rand(3), fresh) and "keeping fresh RNG streams" in capsys.readouterr().out
 
 
@@ -855,20 +857,20 @@ def _logged(text, key="loss"):
 
 def test_pretrain_encoder_loss_drops_and_resume_continues(tiny_world, capsys, tmp_path):
     import pretrain_encoder
-    common = [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}", f"--vae_dir={tiny_world / 'vae'}",
+    base_args = [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}", f"--vae_dir={tiny_world / 'vae'}",
               f"--out_dir={tmp_path / 'enc'}", "--log_interval=2", "--eval_interval=100", "--save_interval=8",
               "--lr=3e-3", "--warmup=2"] + TINY_ENCODER
     capsys.readouterr()
-    pretrain_encoder.main(common + ["--max_steps=8"])
+    pretrain_encoder.main(base_args + ["--max_steps=8"])
     losses = _logged(capsys.readouterr().out)
     assert len(losses) == 4 and losses[-1] < 0.9 * losses[0]
-    assert M.load_training_state(str(tmp_path / "enc"))["step"] == 8
-    pretrain_encoder.main(common + ["--max_steps=12"])  # a longer run resumes where the last stopped
+    assert common.load_training_state(str(tmp_path / "enc"))["step"] == 8
+    pretrain_encoder.main(base_args + ["--max_steps=12"])  # a longer run resumes where the last stopped
     out = capsys.readouterr().out
     assert "resumed from" in out and "at step 8" in out and [l for l in out.splitlines() if l.startswith("step ")][0].startswith("step 10 ")
-    state = M.load_training_state(str(tmp_path / "enc"))
+    state = common.load_training_state(str(tmp_path / "enc"))
     assert state["step"] == 12 and state["config"]["max_steps"] == 12
-    pretrain_encoder.main(common + ["--max_steps=12"])
+    pretrain_encoder.main(base_args + ["--max_steps=12"])
     assert "is complete" in capsys.readouterr().out
 
 
@@ -878,13 +880,13 @@ def test_interrupted_run_resumes_bit_for_bit(script, tiny_world, tmp_path, monke
     (weights, optimizer, step, data order, RNG and, in cold_start, the reward's source-feature cache all
     come back). Both scripts call caption_logprobs once per step, so its 5th call is inside step 5."""
     main = __import__(script).main
-    common = ["--log_interval=100", "--save_interval=4", "--max_steps=8"] + {
+    base_args = ["--log_interval=100", "--save_interval=4", "--max_steps=8"] + {
         "pretrain_encoder": [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}",
                              f"--vae_dir={tiny_world / 'vae'}", "--eval_interval=100", "--lr=3e-3", "--warmup=2"] + TINY_ENCODER,
         "cold_start": [f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'dec'}", "--batch_size=4", "--sample_steps=2",
                        "--max_new_tokens=8", "--lora_r=4", "--lora_alpha=8", "--threads=2",
                        f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]}[script]
-    main(common + [f"--out_dir={tmp_path / 'whole'}"])
+    main(base_args + [f"--out_dir={tmp_path / 'whole'}"])
     calls, real = {"n": 0}, M.UAE.caption_logprobs
 
     def killed_in_step_5(self, *args, **kwargs):
@@ -894,10 +896,10 @@ def test_interrupted_run_resumes_bit_for_bit(script, tiny_world, tmp_path, monke
         return real(self, *args, **kwargs)
     monkeypatch.setattr(M.UAE, "caption_logprobs", killed_in_step_5)
     with pytest.raises(KeyboardInterrupt):
-        main(common + [f"--out_dir={tmp_path / 'cut'}"])
-    assert M.load_training_state(str(tmp_path / "cut"))["step"] == 4
+        main(base_args + [f"--out_dir={tmp_path / 'cut'}"])
+    assert common.load_training_state(str(tmp_path / "cut"))["step"] == 4
     monkeypatch.setattr(M.UAE, "caption_logprobs", real)
-    main(common + [f"--out_dir={tmp_path / 'cut'}"])
+    main(base_args + [f"--out_dir={tmp_path / 'cut'}"])
     whole, cut = (M.UAE.load(str(tmp_path / d)).state_dict() for d in ("whole", "cut"))
     assert whole and whole.keys() == cut.keys()
     assert [k for k in whole if not torch.equal(whole[k], cut[k])] == []
@@ -905,10 +907,10 @@ def test_interrupted_run_resumes_bit_for_bit(script, tiny_world, tmp_path, monke
 
 def test_non_finite_loss_skips_then_stops_with_the_checkpoint_kept(tiny_world, capsys, tmp_path, monkeypatch):
     import pretrain_encoder
-    common = [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}", f"--vae_dir={tiny_world / 'vae'}",
+    base_args = [f"--data_dir={tiny_world}", f"--tokenizer_dir={tiny_world / 'tokenizer'}", f"--vae_dir={tiny_world / 'vae'}",
               f"--out_dir={tmp_path / 'enc'}", "--log_interval=1", "--eval_interval=100", "--save_interval=2",
               "--max_bad_steps=2"] + TINY_ENCODER
-    pretrain_encoder.main(common + ["--max_steps=2"])
+    pretrain_encoder.main(base_args + ["--max_steps=2"])
     before = (tmp_path / "enc" / "training_state.pt").read_bytes()
     calls = {"n": 0}
     real = M.UAE.caption_logprobs
@@ -921,7 +923,7 @@ def test_non_finite_loss_skips_then_stops_with_the_checkpoint_kept(tiny_world, c
     monkeypatch.setattr(M.UAE, "caption_logprobs", nan_on_calls_1_3_4)
     capsys.readouterr()
     with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
-        pretrain_encoder.main(common + ["--max_steps=10"])
+        pretrain_encoder.main(base_args + ["--max_steps=10"])
     out = capsys.readouterr().out
     assert "warning: step 3 non-finite reward or loss, update skipped (1 in a row)" in out
     assert "step 3 loss" in out  # the redrawn batch trained
@@ -936,16 +938,16 @@ def test_all_finite_agrees_over_ranks(tmp_path):
     script.write_text(f"""import sys
 sys.path.insert(0, {REPO!r})
 import torch, torch.distributed as dist
-import model as M
-rt = M.setup_runtime("cpu", "float32", 0)
-guard = M.NonFiniteGuard(rt, 2, "out")
+import common
+rt = common.setup_runtime("cpu", "float32", 0)
+guard = common.NonFiniteGuard(rt, 2, "out")
 nan_here = torch.tensor(float("nan") if rt.rank == 1 else 1.0)
-verdicts = [guard.passed(M.all_finite(nan_here), 1), guard.passed(M.all_finite(torch.ones(3)), 2)]
+verdicts = [guard.passed(common.all_finite(nan_here), 1), guard.passed(common.all_finite(torch.ones(3)), 2)]
 total = torch.ones(1)
 dist.all_reduce(total)  # still paired after the skip
 try:
-    guard.passed(M.all_finite(nan_here), 3)
-    guard.passed(M.all_finite(nan_here), 4)
+    guard.passed(common.all_finite(nan_here), 3)
+    guard.passed(common.all_finite(nan_here), 4)
 except RuntimeError as e:
     print(f"rank {{rt.rank}} verdicts {{verdicts}} sum {{total.item():.0f}} raised: {{e}}", flush=True)
 dist.destroy_process_group()  # a process group left to interpreter exit can abort in gloo's threads
@@ -963,12 +965,12 @@ def test_start_run_recovers_interrupted_save_and_refuses_float16(tmp_path):
                           max_steps=5)
     (tmp_path / "run.old").mkdir()  # killed between atomic_dir's renames: run/ gone, the previous one in run.old/
     torch.save({"step": 3}, tmp_path / "run.old" / "training_state.pt")
-    rt, state = M.start_run(cfg)
+    rt, state = common.start_run(cfg)
     assert state["step"] == 3 and (tmp_path / "run" / "training_state.pt").exists() and not (tmp_path / "run.old").exists()
     with pytest.raises(ValueError, match="float16 needs loss scaling"):
-        M.start_run(SimpleNamespace(**{**vars(cfg), "dtype": "float16"}))
+        common.start_run(SimpleNamespace(**{**vars(cfg), "dtype": "float16"}))
     with pytest.raises(ValueError, match="batch_size=5 must divide over 2 ranks"):
-        M.Runtime(0, 0, 2, torch.device("cpu"), torch.float32).per_rank(5, "batch_size")
+        common.Runtime(0, 0, 2, torch.device("cpu"), torch.float32).per_rank(5, "batch_size")
 
 
 def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
@@ -996,7 +998,7 @@ def test_two_process_gloo_run(tiny_world, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 4 loss") == 1  # only rank 0 prints
-    assert M.load_training_state(str(out))["step"] == 4
+    assert common.load_training_state(str(out))["step"] == 4
 
 
 # ----------------------------------------------------------------------------- the GRPO loss
@@ -1372,11 +1374,11 @@ def test_grpo_encoder_steps_resume_and_peft_layout(tiny_world, capsys, tmp_path)
     base = M.UAE.load(str(tiny_world / "dec")).eval()
     policy = M.UAE.load(str(tiny_world / "dec")).eval()
     policy.add_lora("llm", 4, 8, M.LLM_LORA_TARGETS)
-    M.load_lora(policy.llm, str(out / "lora_llm"))
+    lora.load_lora(policy.llm, str(out / "lora_llm"))
     images, _ = _scene_images(2)
     with torch.no_grad():
         c = base.caption(images, greedy=True, max_new_tokens=6)
-        with M.lora_disabled(policy.llm):
+        with lora.lora_disabled(policy.llm):
             torch.testing.assert_close(policy.caption_logprobs(c.prompt, c.ids), base.caption_logprobs(c.prompt, c.ids))
         # and the saved merged LLM equals the adapted policy
         merged = M.UAE.load(str(out)).eval()
@@ -1416,7 +1418,7 @@ def test_grpo_encoder_two_process_gloo_resumes_exactly(tiny_world, tmp_path):
 
     out = run(tmp_path / "g2", 2)
     assert out.count("step 1 reward") == 1  # only rank 0 prints
-    state = M.load_training_state(str(tmp_path / "g2"))
+    state = common.load_training_state(str(tmp_path / "g2"))
     assert state["step"] == 2
     # one RNG state per rank, each rank's own (seed + rank): a resumed run must not hand rank 0's to both
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
@@ -1727,7 +1729,7 @@ def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
         sigmas = model.sigmas(4)
         x = torch.randn(model.latent_shape(2))
         _, _, mean, step_std = model.sde_transition(x, sigmas[1], sigmas[2], cond, None, 1.0, 0.7, sigmas[1])
-        with M.lora_disabled(model.transformer):
+        with lora.lora_disabled(model.transformer):
             _, _, ref_mean, _ = model.sde_transition(x, sigmas[1], sigmas[2], cond, None, 1.0, 0.7, sigmas[1])
     s = step_std.flatten()[0]
     assert s == pytest.approx(0.7 * math.sqrt(sigmas[1] / (1 - sigmas[1])) * math.sqrt(sigmas[1] - sigmas[2]))

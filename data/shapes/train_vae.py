@@ -39,7 +39,7 @@ sys.path.insert(0, REPO)  # this script lives in data/shapes/; the world's code 
 import shapes  # noqa: E402
 from configurator import configure  # noqa: E402
 from data import load_images, read_jsonl, write_json  # noqa: E402
-from model import atomic_dir  # noqa: E402
+from common import atomic_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

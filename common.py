@@ -1,0 +1,286 @@
+"""What every stage script shares besides the model: the runtime and the checkpoints.
+
+Runtime: device and dtype, torchrun detected from the environment (one process per GPU, or per CPU
+thread pair here), seeds, and the one precision context every forward runs in. Checkpoints: written
+atomically (a kill mid-save leaves the previous one intact), holding the optimizer, the step and every
+rank's RNG state, so a resumed run continues bit for bit (DESIGN §8); relocatable.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# ============================================================================ runtime
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype  # the one compute precision, applied through autocast()
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self, training: bool = False):
+        """The compute precision. `training=True` (a forward that will be backpropagated) on the CPU also
+        selects the math attention kernel: the CPU flash kernel's backward is slow at our short
+        sequences (measured here: a DiT step of 64 took 200 -> 146 ms, a captioning step 330 -> 285 ms),
+        while for sampling flash is faster (Unified-Bench eval 11.7 -> 9.8 s), so no-grad code keeps it."""
+        stack = contextlib.ExitStack()
+        if self.dtype != torch.float32:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+        if training and self.device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+    def per_rank(self, total: int, key: str) -> int:
+        """A global batch size of the config (DESIGN §8), split over the ranks: it must divide evenly."""
+        if total % self.world_size:
+            raise ValueError(f"{key}={total} must divide over {self.world_size} ranks")
+        return total // self.world_size
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, training: bool = False) -> Runtime:
+    """Detect torchrun (RANK / LOCAL_RANK / WORLD_SIZE), pick the device, seed with base + rank. Training
+    never runs in float16: its gradients underflow without loss scaling, which these scripts do not do."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dtype == "auto":  # bf16 where the hardware has it: ~2.7x the fp32 matmul rate even on these CPUs (DESIGN §9)
+        dtype = "bfloat16" if device.type == "cpu" or torch.cuda.is_bf16_supported() else \
+            "float32" if training else "float16"
+    if training and dtype == "float16":
+        raise ValueError("dtype=float16 needs loss scaling, which the training scripts do not do: "
+                         "use bfloat16 or float32")
+    seed_everything(seed + rank)
+    return Runtime(rank, local_rank, world, device, getattr(torch, dtype))
+
+
+def start_run(cfg) -> tuple[Runtime, dict | None]:
+    """What every training script does first: CPU threads, the runtime, and the state to resume from
+    (None for a fresh run). A run whose saved step reached cfg.max_steps is complete: (rt, "complete")."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
+    rt.print("config " + json.dumps(vars(cfg)))  # the final one, after files and flags (also in every checkpoint)
+    old = cfg.out_dir.rstrip("/") + ".old"
+    if rt.master and not os.path.exists(cfg.out_dir) and os.path.exists(os.path.join(old, "training_state.pt")):
+        os.replace(old, cfg.out_dir)  # killed between atomic_dir's two renames: the previous checkpoint is whole
+        rt.print(f"recovered {cfg.out_dir} from {old} (a save was interrupted)")
+    if dist.is_initialized():
+        dist.barrier()  # every rank reads the recovered directory
+    state = load_training_state(cfg.out_dir) if cfg.resume else None
+    if state is not None and state["step"] >= cfg.max_steps:
+        rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
+        return rt, "complete"
+    return rt, state
+
+
+def end_run(rt: Runtime, step: int, t0: float):
+    rt.print(f"done: {step} steps in {time.time() - t0:.0f}s")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+def group_reward_stats(rewards: torch.Tensor, group_size: int) -> dict:
+    """Reward mean / std and the fraction of groups whose rewards are all equal (no GRPO signal),
+    averaged over ranks."""
+    groups = rewards.view(-1, group_size)
+    zero_std = (groups.max(1).values == groups.min(1).values).float().mean()
+    return {"reward_mean": all_reduce_mean(rewards.mean()).item(), "reward_std": all_reduce_mean(rewards.std()).item(),
+            "zero_std_groups": all_reduce_mean(zero_std).item()}
+
+
+def rng_state() -> dict:
+    """All RNG states in types torch.load(weights_only=True) accepts (numpy's key array as a tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def gather_ranks(obj) -> list:
+    """obj from every rank, in rank order: a collective (every rank calls it)."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def own_rank(states: list | None):
+    """This rank's entry of a gather_ranks list saved in a checkpoint; None if there is none for it (no
+    list, or one written by a different number of ranks)."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    return states[rank] if isinstance(states, list) and len(states) == world else None
+
+
+def rng_states() -> list[dict]:
+    """Every rank's RNG state, in rank order: a collective (save_checkpoint calls it on every rank).
+    Resuming gives each rank its own streams back; saving the master's alone would hand rank 0's streams
+    to every rank, so they would all draw the same batches."""
+    return gather_ranks(rng_state())
+
+
+def set_rng_state(states: list[dict] | dict):
+    """Restore this rank's streams from rng_states(). Call it last before the loop: start-up draws random
+    numbers too (LoRA inits, building a reward backbone), and a continuous run drew those before its
+    first step. A checkpoint written by a different number of ranks (or before checkpoints held one state
+    per rank: a dict) keeps the fresh seed + rank streams."""
+    states = [states] if isinstance(states, dict) else states
+    state = own_rank(states)
+    if state is None:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        print(f"rank {rank}: checkpoint RNG from {len(states)} rank(s), running {world}: keeping fresh RNG streams")
+        return
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ============================================================================ checkpoints
+
+def atomic_dir(final: str):
+    """Write a directory under a temporary name and rename it into place: a kill mid-save leaves the
+    previous checkpoint intact (DESIGN §8). Use as: with atomic_dir(path) as tmp: write into tmp."""
+    @contextlib.contextmanager
+    def ctx():
+        tmp = final.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        yield tmp
+        old = final.rstrip("/") + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    return ctx()
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to min_ratio * lr (nanoGPT's schedule)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def broadcast_from_master(params: list[nn.Parameter]):
+    """Give every rank rank 0's values of the trained parameters. Their random inits (a new LoRA's A, a
+    fresh network) are drawn from per-rank seeds (seed + rank), and averaged gradients only make sense
+    for one model; frozen weights come from the same checkpoint on every rank, so they are not sent."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def all_reduce_grads(params):
+    """Data parallelism made explicit: average gradients over ranks after backward (gloo or nccl)."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+def all_finite(*values: torch.Tensor) -> bool:
+    """True when every value is finite on every rank (an all-reduce MIN of the local verdict): the
+    ranks skip the same steps, so their collectives stay paired. A rank that skipped alone would
+    leave the others waiting in all_reduce_grads."""
+    local = all(bool(torch.isfinite(v).all()) for v in values)
+    if not dist.is_initialized():
+        return local
+    flag = torch.tensor(float(local), device=values[0].device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1.0
+
+
+class NonFiniteGuard:
+    """DESIGN §8: a NaN/Inf reward or loss skips the update with a warning, and max_bad such steps in a
+    row stop the run (the last good checkpoint stays in out_dir). Feed it all_finite's verdict, which
+    every rank shares, so every rank raises together."""
+
+    def __init__(self, rt: Runtime, max_bad: int, out_dir: str):
+        self.rt, self.max_bad, self.out_dir, self.bad = rt, max_bad, out_dir, 0
+
+    def passed(self, finite: bool, step: int) -> bool:
+        if finite:
+            self.bad = 0
+            return True
+        self.bad += 1
+        self.rt.print(f"warning: step {step} non-finite reward or loss, update skipped ({self.bad} in a row)")
+        if self.bad >= self.max_bad:
+            raise RuntimeError(f"{self.max_bad} non-finite steps in a row: stopping (last good checkpoint in {self.out_dir})")
+        return False
+
+
+def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict,
+                    extra: dict | None = None, history: list[dict] | None = None, rank_state=None):
+    """Atomically write weights (model.save), optimizer, step, config and every rank's RNG state into
+    out_dir. Every rank calls it (gathering the RNG states is a collective); rank 0 alone writes. An RL
+    run's per-step `history` also goes in, as log.jsonl and reward_curve.png; `rank_state` is what each
+    rank keeps for itself (the reward's source-feature cache), saved as a list in rank order."""
+    from data import plot_curve
+    rng = rng_states()
+    per_rank = gather_ranks(rank_state) if rank_state is not None else None
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp, trained)
+        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng,
+                    "rank_state": per_rank, "history": history, **(extra or {})},
+                   os.path.join(tmp, "training_state.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        if history is not None:
+            with open(os.path.join(tmp, "log.jsonl"), "w") as f:  # every step so far, one JSON line each
+                f.writelines(json.dumps(row) + "\n" for row in history)
+            plot_curve([row["reward_mean"] for row in history], os.path.join(tmp, "reward_curve.png"), "reward mean")
+
+
+def load_training_state(directory: str) -> dict | None:
+    path = os.path.join(directory, "training_state.pt")
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
