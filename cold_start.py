@@ -29,13 +29,13 @@ import time
 import torch
 from tqdm import tqdm
 
+import model as M
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, NonFiniteGuard, own_rank,
     save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
-import model as M
 from reward import ReconstructionReward, cosine, load_backbone
 
 config = dict(

@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+import model as M
+import shapes
 from common import setup_runtime
 from configurator import configure
 from data import DataError, load_image, read_jsonl, save_grid, to_uint8_hwc, write_json
-import model as M
 from reward import cosine, load_backbone
-import shapes
 
 config = dict(
     ckpt="",  # UAE checkpoint to evaluate (empty with --generated: score existing images)

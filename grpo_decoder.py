@@ -24,15 +24,15 @@ import time
 import torch
 from tqdm import tqdm
 
+import model as M
+import shapes
 from common import (
     all_finite, all_reduce_grads, broadcast_from_master, end_run, group_reward_stats, NonFiniteGuard, own_rank,
     save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
-import model as M
 from reward import ADVANTAGE_STD, ReconstructionReward, group_advantages, load_backbone
-import shapes
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)

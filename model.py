@@ -419,7 +419,7 @@ class UAE(nn.Module):
         """LLM hidden states (B, T, h) of generate-role turns -> DiT encoder_hidden_states (B, T, joint_attention_dim).
         Caption tokens are standardised (text_shift / text_scale); pads, exact zeros (text_hidden_states),
         stay zero, so the projector sees only their position."""
-        is_text = hidden.abs().amax(-1, keepdim=True) > 0  # pads are exact zeros (text_hidden_states)
+        is_text = caption_tokens(hidden).unsqueeze(-1)
         hidden = torch.where(is_text, (hidden - self.text_shift.to(hidden.dtype)) * self.text_scale.to(hidden.dtype), 0)
         if self.text_positions is not None:
             table = self.text_positions.weight
@@ -535,6 +535,12 @@ class UAE(nn.Module):
         cond = self.condition(texts, allow_cut)
         negative = self.negative_condition(len(texts), negative_prompt) if cfg_scale != 1.0 else None
         return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))
+
+
+def caption_tokens(hidden: torch.Tensor) -> torch.Tensor:
+    """(..., T) bool: which rows of LLM text states are caption tokens. Pads are exact zeros
+    (UAE.text_hidden_states), which a real hidden state never is."""
+    return hidden.abs().amax(-1) > 0
 
 
 def condition_drift(cond: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from tqdm import tqdm
 
+import model as M
+import shapes
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, lr_at, NonFiniteGuard,
     save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
-import model as M
-import shapes
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -164,7 +164,7 @@ def set_text_stats(model, rt, states):
     some generate turns (pads are zeros and are left out), so the projector sees standardised inputs
     (model.UAE.project)."""
     states = states.float().flatten(0, 1)
-    states = states[states.abs().amax(-1) > 0]  # the caption tokens; pads are zeros (UAE.text_hidden_states)
+    states = states[M.caption_tokens(states)]
     model.text_shift.copy_(states.mean(0))
     model.text_scale.copy_(1 / states.std(0).clamp(min=1e-6))
     rt.print(f"text states: |mean| {model.text_shift.norm():.2f}, median std {states.std(0).median():.3f}")

@@ -17,13 +17,13 @@ import time
 import torch
 from tqdm import tqdm
 
+import model as M
+import shapes
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, lr_at, NonFiniteGuard,
     save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
-import model as M
-import shapes
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)

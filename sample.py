@@ -13,10 +13,10 @@ import sys
 import torch
 from PIL import Image
 
+import model as M
 from common import setup_runtime
 from configurator import configure
 from data import load_images, read_jsonl, save_grid, to_uint8_hwc
-import model as M
 
 config = dict(
     ckpt="out/pretrain_decoder",  # UAE checkpoint directory
