@@ -65,6 +65,7 @@ config = dict(
     sample_steps=30,  # Euler steps of the decoder
     cfg_scale=1.25,  # classifier-free guidance scale (shapes world: best of 1-3, README "guidance")
     batch_size=50,  # images per forward
+    compile=True,  # torch.compile the DiT (model.compile_decoder)
     geneval=True,  # shapes world: also generate from the true long captions (GenEval-shapes)
     device="auto",  # auto = cuda if available else cpu
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
@@ -184,6 +185,8 @@ def evaluate(cfg) -> dict:
                 raise DataError(f"{r['where']}: image file name {name} gives reconstruction {file}, as {first[file]} does")
         sources = [load_image(r) for r in records]  # a list: real benches mix image sizes
         model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
+        if cfg.compile:
+            model.compile_decoder()
         generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
         texts, recons = reconstruct(model, rt, sources, cfg, generator)
         recons = [to_uint8_hwc(r) for r in recons]

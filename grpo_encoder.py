@@ -54,6 +54,7 @@ config = dict(
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     decode_steps=10,  # Euler steps of the frozen decoder
     cfg_scale=1.25,  # guidance of the frozen decoder: the bench's (README "guidance")
+    compile=True,  # torch.compile the frozen DiT (model.compile_decoder)
     # loss
     mu=1,  # policy updates per rollout (1: old log-probs = logp.detach(), no extra forward)
     clip_eps=0.2,  # PPO clip range (low side)
@@ -147,6 +148,8 @@ def main(argv=None):
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model
     model = M.UAE.load(cfg.init_from).to(rt.device)
     model.requires_grad_(False)
+    if cfg.compile:
+        model.compile_decoder()
     params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
     broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
