@@ -25,9 +25,10 @@ unified_score, unified_score_per_image (100 x the image's mean over judges), rew
 reward_cosine_per_image, so that two checkpoints are compared image by image (paired_difference;
 mcnemar for pass/fail). On the shapes world (records carry "scene") it adds the oracle tables:
 understanding (recall, small-object recall, attribute accuracy, precision, caption length),
-generation (GenEval-shapes from the TRUE long captions: overall, per category, >=3-object subset, each
-image's exact match for McNemar tests, and the judges' Unified-Score of these images: the ceiling a
-caption could reach with this decoder), unification (Unified-Score, reward cosine, scene-F1 of source vs
+generation (GenEval-shapes from the TRUE long captions: overall, per category, >=3-object subset, extra
+objects, text reliance, and the judges' Unified-Score of these images: the ceiling a caption could reach
+with this decoder), generation_partial (from partial captions: stated details drawn, extra objects beside
+the objects left out; decoder_comparison tests two of these image by image), unification (Unified-Score, reward cosine, scene-F1 of source vs
 reconstruction, mentioned-object recall: of the objects a caption names, the fraction its reconstruction
 shows; captions_cut: captions the length cap stopped before their end; turns_cut: captions whose text
 re-encoded longer than the decoder's window, cut to it).
@@ -207,17 +208,51 @@ def evaluate(cfg) -> dict:
                 "mentioned_object_recall": shapes.mentioned_object_recall(texts, recons),
                 "captions_cut": model.captions_cut(texts, cfg.max_new_tokens),  # stopped by the length cap
                 "turns_cut": model.turns_cut}  # re-encoded longer than the window, cut to it (model.text_tokens)
-            if cfg.geneval:  # from the TRUE complete long captions; the judges' score of these is the ceiling
-                generator.manual_seed(cfg.seed)
-                generated = [to_uint8_hwc(g) for g in generate_from(model, rt, [r["caption"] for r in records], cfg, generator)]
-                exact = [shapes.detect_scene(g) == sc for g, sc in zip(generated, scenes)]
-                ceiling = score(judges, None, names, sources, generated, cfg.batch_size)
-                results["generation"] = shapes.generation_report(generated, scenes) | {
-                    "unified_score": ceiling["unified_score"], "overall_per_image": dict(zip(names, exact)),
-                    "unified_score_per_image": ceiling["unified_score_per_image"]}
+            if cfg.geneval:
+                results.update(generation_tables(model, rt, cfg, generator, records, names, sources, scenes, judges))
     results["config"] = vars(cfg)
     write_json(os.path.join(cfg.out_dir, "results.json"), results)
     return results
+
+
+def generation_tables(model, rt, cfg, generator, records, names, sources, scenes, judges) -> dict:
+    """Shapes world, the decoder alone (Understanding for Generation), from the TRUE captions, with the same
+    noise as the reconstructions. generation: from the complete long captions, GenEval-shapes (overall =
+    exact scene), extra objects drawn per image, text reliance (model.text_reliance) and the judges'
+    Unified-Score of these images (the ceiling a caption could reach with this decoder). generation_partial:
+    from the partial captions (details left out), the images that draw every stated detail, mentioned-object
+    recall and extra objects, beside the objects the captions left out (what the guesses should match).
+    Per-image values ride along for paired tests (mcnemar, paired_difference)."""
+    per = lambda values: dict(zip(names, values))
+    complete = [r["caption"] for r in records]
+    generator.manual_seed(cfg.seed)
+    drawn = [to_uint8_hwc(g) for g in generate_from(model, rt, complete, cfg, generator)]
+    exact = [shapes.detect_scene(g) == sc for g, sc in zip(drawn, scenes)]
+    extra = shapes.caption_fidelity(complete, drawn)["extra_objects"]
+    ceiling = score(judges, None, names, sources, drawn, cfg.batch_size)
+    with rt.autocast():
+        latents = torch.cat([model.encode_images(torch.from_numpy(np.stack(sources[i:i + cfg.batch_size])).permute(0, 3, 1, 2))
+                             for i in range(0, len(sources), cfg.batch_size)])
+        hidden = torch.cat([model.text_hidden_states(complete[i:i + cfg.batch_size])
+                            for i in range(0, len(complete), cfg.batch_size)])
+    reliance = M.text_reliance(model, rt, latents, hidden, generator.manual_seed(cfg.seed), batch_size=cfg.batch_size)
+    tables = {"generation": shapes.generation_report(drawn, scenes) | {
+        "extra_objects": float(np.mean(extra)), "text_reliance": reliance["text_reliance"],
+        "unified_score": ceiling["unified_score"], "overall_per_image": per(exact),
+        "extra_objects_per_image": per(extra), "text_reliance_per_image": per(reliance["per_image"]),
+        "unified_score_per_image": ceiling["unified_score_per_image"]}}
+    if all("partial_caption" in r for r in records):
+        partial = [r["partial_caption"] for r in records]
+        generator.manual_seed(cfg.seed)
+        drawn = [to_uint8_hwc(g) for g in generate_from(model, rt, partial, cfg, generator)]
+        fidelity = shapes.caption_fidelity(partial, drawn)
+        left_out = [len(sc) - len(shapes.parse_caption(t)) for t, sc in zip(partial, scenes)]
+        tables["generation_partial"] = {
+            "satisfied": float(np.mean(fidelity["satisfied"])),
+            "mentioned_object_recall": shapes.mentioned_object_recall(partial, drawn),
+            "extra_objects": float(np.mean(fidelity["extra_objects"])), "objects_left_out": float(np.mean(left_out)),
+            "satisfied_per_image": per(fidelity["satisfied"]), "extra_objects_per_image": per(fidelity["extra_objects"])}
+    return tables
 
 
 def summary(results: dict) -> str:
@@ -228,7 +263,8 @@ def summary(results: dict) -> str:
     if results["reward_cosine"] is not None:
         line += f"; reward backbone cosine {results['reward_cosine']:.4f} (not a judge)"
     return "\n".join([line] + [f"{table}: " + shapes.format_report(results[table])
-                               for table in ("understanding", "generation", "unification") if table in results])
+                               for table in ("understanding", "generation", "generation_partial", "unification")
+                               if table in results])
 
 
 # ----------------------------------------------------------------------------- paired comparisons
@@ -298,6 +334,31 @@ def mcnemar(a: dict, b: dict) -> dict:
     m = lost + gained
     p = min(1.0, 2 * sum(math.comb(m, i) for i in range(min(lost, gained) + 1)) / 2 ** m)
     return {"n": len(names), "lost": lost, "gained": gained, "p": p}
+
+
+def decoder_comparison(before: dict, after: dict, subset: set[str]) -> dict:
+    """Two evaluations' decoder tables (generation_tables) compared image by image: {figure: {before, after,
+    p}}, McNemar for exact-scene rates, the paired t-test for per-image means. `subset`: the images of the
+    >=3-object rate. Text reliance is the ratio of summed errors; its p is that of the per-image ratios."""
+    rows = {}
+    def rate(name, a, b, names=None):
+        a, b = ({k: v for k, v in d.items() if names is None or k in names} for d in (a, b))
+        rows[name] = {"before": float(np.mean(list(a.values()))), "after": float(np.mean(list(b.values()))),
+                      "p": mcnemar(a, b)["p"]}
+    def mean(name, a, b, headline=None):
+        rows[name] = {"before": headline[0] if headline else float(np.mean(list(a.values()))),
+                      "after": headline[1] if headline else float(np.mean(list(b.values()))),
+                      "p": paired_difference(a, b)["p"]}
+    g0, g1 = before["generation"], after["generation"]
+    rate("geneval_shapes", g0["overall_per_image"], g1["overall_per_image"])
+    rate("geneval_shapes_3plus", g0["overall_per_image"], g1["overall_per_image"], subset)
+    mean("extra_objects", g0["extra_objects_per_image"], g1["extra_objects_per_image"])
+    mean("text_reliance", g0["text_reliance_per_image"], g1["text_reliance_per_image"], (g0["text_reliance"], g1["text_reliance"]))
+    if "generation_partial" in before and "generation_partial" in after:
+        p0, p1 = before["generation_partial"], after["generation_partial"]
+        rate("partial_satisfied", p0["satisfied_per_image"], p1["satisfied_per_image"])
+        mean("partial_extra_objects", p0["extra_objects_per_image"], p1["extra_objects_per_image"])
+    return rows
 
 
 def main(argv=None):

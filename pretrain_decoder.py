@@ -191,23 +191,6 @@ def probe(model, rt, val, scenes, cfg, generator) -> dict:
         "short_mentioned_recall": shapes.mentioned_object_recall([r["short_caption"] for r in val], short)}
 
 
-@torch.no_grad()
-def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=50) -> float:
-    """x0 error when denoising from sigma with each image's own caption, divided by the error with
-    another image's caption: 1.0 = the decoder ignores the text; lower = it reads it. At high noise
-    the caption is the only source of the layout, so this shows text use long before samples do."""
-    noise = torch.randn(latents.shape, generator=generator, device=rt.device)
-    x_t = (1 - sigma) * latents + sigma * noise
-    errors = [0.0, 0.0]
-    for i in range(0, len(latents), batch_size):  # batched: at 1024 px all val latents do not fit one forward
-        x, x0 = x_t[i:i + batch_size], latents[i:i + batch_size]
-        for k, h in enumerate((hidden, hidden.roll(1, 0))):
-            with rt.autocast():
-                v = model.velocity(x, torch.tensor(sigma, device=rt.device), model.project(h[i:i + batch_size]))
-            errors[k] += ((x - sigma * v.float() - x0) ** 2).sum().item()
-    return errors[0] / errors[1]
-
-
 def build_model(cfg, rt) -> M.UAE:
     """init_from's UAE; with new_decoder its decoder replaced by a fresh projector + DiT (and VAE)."""
     if cfg.init_from == "pretrained":  # paper scale: the first UAE, straight from the two released checkpoints
@@ -340,7 +323,7 @@ def main(argv=None):
                     model.eval()
                     eval_gen.manual_seed(cfg.seed)
                     report = probe(model, rt, val, val_scenes, cfg, eval_gen) if val_scenes else {}
-                    report["text_reliance"] = text_reliance(model, rt, val_latents, val_hidden, eval_gen)
+                    report["text_reliance"] = M.text_reliance(model, rt, val_latents, val_hidden, eval_gen)["text_reliance"]
                     rt.print(f"eval step {step} " + shapes.format_report(report))
                     model.train()
                 if saving:  # every rank: the RNG states are gathered

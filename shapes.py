@@ -367,6 +367,22 @@ def mentioned_object_recall(texts: list[str], images) -> float:
     return found / total if total else float("nan")
 
 
+def caption_fidelity(texts: list[str], images) -> dict:
+    """Per image, how a drawing follows a caption that may leave details out (Understanding for
+    Generation on partial captions): `satisfied` = every object the caption states is drawn, with every
+    size and position it states; `extra_objects` = objects drawn that the caption does not mention (the
+    decoder's guesses: for a complete caption every one is wrong, for a partial one it should match what
+    the caption left out)."""
+    satisfied, extra = [], []
+    for text, image in zip(texts, images, strict=True):
+        drawn = {(o.color, o.shape): o for o in detect_scene(image)}
+        mentions = parse_caption(text)
+        satisfied.append(all((m.color, m.shape) in drawn and m.size in (None, drawn[(m.color, m.shape)].size)
+                             and m.pos in (None, drawn[(m.color, m.shape)].pos) for m in mentions))
+        extra.append(len(drawn.keys() - {(m.color, m.shape) for m in mentions}))
+    return {"satisfied": satisfied, "extra_objects": extra}
+
+
 def format_report(report: dict) -> str:
     """A report as one log line, `name value` per number to 3 decimals (texts, per-image dicts, None left out)."""
     return " ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, (int, float)))

@@ -57,7 +57,7 @@ for stage in pretrain_decoder cold_start grpo_encoder grpo_decoder; do
 done
 python - "$OUT" "$START" <<'EOF'
 import json, sys, time
-from eval_unified import paired_difference
+from eval_unified import decoder_comparison, paired_difference
 out, start = sys.argv[1], int(sys.argv[2])
 names = ("base", "cold_start", "grpo_encoder", "grpo_decoder")
 bench = {n: json.load(open(f"{out}/eval_{n}/results.json")) for n in names}
@@ -80,6 +80,16 @@ result = {"stages": stages, "judges": bench["base"]["model_types"], "splits": sp
           "unified_score_ceiling": bench["base"]["generation"]["unified_score"],
           "unified_score_ceiling_test": test["base"]["generation"]["unified_score"],
           "wall_seconds": int(time.time()) - start}
+# stage 3 alone on test: RL encoder + pretrained decoder (before) vs the full loop (after)
+big = {r["image"].split("/")[-1] for r in map(json.loads, open("data/shapes/test.jsonl")) if len(r["scene"]) >= 3}
+rows = decoder_comparison(test["grpo_encoder"], test["grpo_decoder"], big)
+diff = paired_difference(test["grpo_encoder"]["unified_score_per_image"], test["grpo_decoder"]["unified_score_per_image"])
+result["decoder_rl"] = {"n": len(test["grpo_decoder"]["generation"]["overall_per_image"]),
+                        "geneval_shapes_before": rows["geneval_shapes"]["before"], "geneval_shapes_after": rows["geneval_shapes"]["after"],
+                        "mcnemar_p": rows["geneval_shapes"]["p"],
+                        "geneval_shapes_3plus_before": rows["geneval_shapes_3plus"]["before"],
+                        "geneval_shapes_3plus_after": rows["geneval_shapes_3plus"]["after"],
+                        "unified_score_diff": diff["mean"], "unified_score_diff_ci95": diff["ci95"], "table": rows}
 json.dump(result, open(f"{out}/results.json", "w"), indent=1)
 keys = [k for k in stages["base"] if not k.endswith("ci95")]
 table = ["| stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
@@ -90,6 +100,10 @@ table.append(f"\nUnified-Score: judges {', '.join(result['judges'])}; bench, and
              f"{result['unified_score_ceiling_test']:.2f}). Paired 95% intervals against base: "
              + ", ".join(f"{n} {ci(v, 'unified_score_ci95')} (test {ci(v, 'unified_score_test_ci95')})"
                          for n, v in stages.items() if n != "base"))
+table += ["\nDecoder RL on test (before: RL encoder + pretrained decoder; after: the full loop; complete captions, "
+          "then partial ones): McNemar for rates, paired t for means", "", "| figure | before | after | p |", "|---|---|---|---|"]
+table += [f"| {k} | {v['before']:.3f} | {v['after']:.3f} | {v['p']:.2g} |" for k, v in rows.items()]
+table.append(f"Unified-Score (reconstructions) {diff['mean']:+.2f}, 95% {diff['ci95'][0]:+.2f}..{diff['ci95'][1]:+.2f}\n")
 table.append(f"splits {splits}; wall time (this invocation): {result['wall_seconds']} s")
 open(f"{out}/results.md", "w").write("\n".join(table) + "\n")
 print("\n".join(table))

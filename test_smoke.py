@@ -64,6 +64,16 @@ def test_mentioned_object_recall_by_hand():
     assert math.isnan(shapes.mentioned_object_recall(["some shapes."], [drawn]))  # nothing mentioned
 
 
+def test_caption_fidelity_by_hand():
+    drawn = shapes.render((shapes.Obj("top left", "red", "circle", "large"), shapes.Obj("center", "blue", "square", "small")))
+    texts = ["a red circle at the top left.",  # satisfied; the blue square is an extra
+             "a large red circle and a small blue square at the center.",  # satisfied, nothing extra
+             "a small red circle.",  # wrong size
+             "a red circle at the top left and a green triangle."]  # the green triangle is missing
+    report = shapes.caption_fidelity(texts, [drawn] * 4)
+    assert report == {"satisfied": [True, True, False, False], "extra_objects": [1, 0, 1, 1]}
+
+
 def test_split_check_finds_a_shared_scene_up_to_jitter():
     rng = random.Random(0)
     train = [shapes.sample_scene(rng) for _ in range(200)]
@@ -1658,10 +1668,13 @@ def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
         f"--ckpt={tiny_world / 'dec'}", f"--data={tiny_world / 'bench.jsonl'}", f"--out_dir={out}", "--sample_steps=2",
         "--max_new_tokens=8", "--compile=False"] + judges))
     assert set(results) == RELEASED_KEYS | {"unified_score", "unified_score_per_image", "reward_cosine", "reward_cosine_per_image",
-                                            "understanding", "generation", "unification", "config"}
+                                            "understanding", "generation", "generation_partial", "unification", "config"}
     assert set(results["understanding"]) == {"recall", "small_object_recall", "attribute_accuracy", "precision", "caption_length"}
     assert set(results["generation"]) == {"overall", "objects", "color", "shape", "size", "position", "count", "overall_3plus",
-                                          "overall_per_image", "unified_score", "unified_score_per_image"}
+                                          "overall_per_image", "unified_score", "unified_score_per_image", "extra_objects",
+                                          "extra_objects_per_image", "text_reliance", "text_reliance_per_image"}
+    assert set(results["generation_partial"]) == {"satisfied", "mentioned_object_recall", "extra_objects", "objects_left_out",
+                                                  "satisfied_per_image", "extra_objects_per_image"}
     assert set(results["unification"]) == {"unified_score", "reward_cosine", "scene_f1", "mentioned_object_recall",
                                            "captions_cut", "turns_cut"}
     assert results["model_types"] == ["clip", "dinov2"]
@@ -1683,6 +1696,13 @@ def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
     recons = [load_image({"image_path": str(out / "reconstructions" / f), "where": f}) for f in sorted(os.listdir(out / "reconstructions"))]
     assert results["unification"]["mentioned_object_recall"] == pytest.approx(
         shapes.mentioned_object_recall(texts, recons), nan_ok=True)
+    assert gen["extra_objects"] == np.mean(list(gen["extra_objects_per_image"].values())) and gen["text_reliance"] > 0
+    partial = results["generation_partial"]
+    assert partial["satisfied"] == np.mean(list(partial["satisfied_per_image"].values()))
+    bench = read_jsonl(str(tiny_world / "bench.jsonl"))
+    assert partial["objects_left_out"] == np.mean([len(r["scene"]) - len(shapes.parse_caption(r["partial_caption"])) for r in bench]) > 0
+    rows = eval_unified.decoder_comparison(results, results, {os.path.basename(bench[0]["image"])})  # a model against itself: nothing changes
+    assert all(r["before"] == r["after"] for r in rows.values()) and rows["geneval_shapes"]["p"] == 1.0
     tok = shapes.build_tokenizer()  # a caption stopped by the 8-token cap has 8 tokens and no eos
     assert results["unification"]["captions_cut"] == sum(len(tok(t, add_special_tokens=False)["input_ids"]) >= 8 for t in texts)
     clash = tmp_path / "clash.jsonl"  # reconstructions are stored as <stem>.png: two sources may not share one
