@@ -41,6 +41,7 @@ from reward import ReconstructionReward, cosine, load_backbone
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     init_from="out/pretrain_decoder",  # UAE checkpoint (pretrained encoder + decoder)
+    image_size=0,  # side the images are resized and centre-cropped to on load (0 = the decoder's: model.image_size)
     out_dir="out/cold_start",  # checkpoint directory
     resume=True,  # continue from out_dir if it holds an unfinished run
     reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # f in the loss (reward.py spec)
@@ -99,8 +100,8 @@ def main(argv=None):
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     backbone = load_backbone(cfg.reward_backbone, rt.device)
     reward_fn = ReconstructionReward(backbone)
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
-    images = load_images(train)
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))  # images read per step: any dataset size
+    size = cfg.image_size or model.image_size
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     t0, guard = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
@@ -109,7 +110,7 @@ def main(argv=None):
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not rt.master, desc="cold_start")
     while step < cfg.max_steps:
         idx = torch.randint(0, len(train), (local_batch,))
-        x = images[idx]
+        x = load_images([train[i] for i in idx.tolist()], size)
         model.eval()
         with rt.autocast():
             captions = model.caption(x, 1, cfg.temperature, cfg.max_new_tokens)  # the encoder's own words

@@ -1,8 +1,11 @@
 """Image-caption datasets in the JSONL format both scales share (DESIGN §5).
 
-A dataset is a folder with `train.jsonl`, `val.jsonl` (the shapes world adds `bench.jsonl`); each line
-is {"image": "relative/path.png", "caption": "...", ...extra fields}. Bad input is reported with the
-file and line number, never skipped.
+A dataset is a folder with `train.jsonl`, `val.jsonl` (the shapes world adds `test.jsonl` and
+`bench.jsonl`); each line is {"image": "relative/path.png", "caption": "...", ...extra fields}. A stage that
+needs no caption (RL on images, Unified-Bench sources) also reads lines without one, or a plain folder of
+images (read_records). Images are read per batch (load_images), in any size, mode and format, and made
+RGB (transparency over white) and square (shorter side resized, centre crop), so memory never depends on
+the dataset's size. Bad input is reported with the file and line number, never skipped.
 """
 import json
 import os
@@ -24,8 +27,25 @@ def write_json(path: str, obj) -> None:
     os.replace(path + ".tmp", path)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Records of a JSONL file, each with its absolute image path in `image_path`."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tiff", ".webp")  # those of the released Unified-Bench scorer
+
+
+def read_records(path: str, need_caption: bool = True) -> list[dict]:
+    """A JSONL file (read_jsonl) or a folder of images (sorted by name, no captions)."""
+    if not os.path.isdir(path):
+        return read_jsonl(path, need_caption)
+    if need_caption:
+        raise DataError(f"{path}: a folder of images has no captions, and this stage needs them: give a JSONL file")
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    root = os.path.abspath(path)
+    return [{"image": n, "image_path": os.path.join(root, n), "where": os.path.join(path, n)} for n in names]
+
+
+def read_jsonl(path: str, need_caption: bool = True) -> list[dict]:
+    """Records of a JSONL file, each with its absolute image path in `image_path` and its file:line in
+    `where`. need_caption=False: lines without a caption are fine (a caption given must still be text)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such dataset file")
     root, records = os.path.dirname(os.path.abspath(path)), []
@@ -40,7 +60,7 @@ def read_jsonl(path: str) -> list[dict]:
                 raise DataError(f"{where}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("image"), str):
                 raise DataError(f"{where}: each line needs an \"image\" string")
-            if not (isinstance(record.get("caption"), str) and record["caption"].strip()):
+            if (need_caption or "caption" in record) and not (isinstance(record.get("caption"), str) and record["caption"].strip()):
                 raise DataError(f"{where}: missing or empty \"caption\"")
             record["image_path"] = os.path.join(root, record["image"])
             record["where"] = where
@@ -51,20 +71,36 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def load_image(record: dict, size: int | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; optionally resized (bicubic) to size x size."""
+    """(H, W, 3) uint8 RGB: any mode (transparency composited over white, grey and palette expanded);
+    with `size`, the shorter side resized to it (bicubic) and the centre cropped square."""
     try:
         with Image.open(record["image_path"]) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                im = Image.new("RGBA", rgba.size, "white")
+                im.alpha_composite(rgba)
             im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            return np.array(im)  # writable: torch.from_numpy in the processors warns on read-only arrays
     except (OSError, ValueError) as e:  # missing file, truncated or not an image
         raise DataError(f"{record['where']}: cannot read image {record['image_path']} ({e})") from None
+    if size is not None and im.size != (size, size):
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    return np.array(im)  # writable: torch.from_numpy in the processors warns on read-only arrays
 
 
 def load_images(records: list[dict], size: int | None = None) -> torch.Tensor:
-    """All images of `records` as one (N, 3, H, W) uint8 tensor (the shapes world fits in memory)."""
-    return torch.from_numpy(np.stack([load_image(r, size) for r in records])).permute(0, 3, 1, 2).contiguous()
+    """The images of `records` (one batch) as an (N, 3, H, W) uint8 tensor. Without `size` they must share
+    one: the first that does not is named."""
+    arrays = [load_image(r, size) for r in records]
+    for r, a in zip(records, arrays):
+        if a.shape != arrays[0].shape:
+            raise DataError(f"{r['where']}: image {r['image_path']} is {a.shape[1]}x{a.shape[0]}, the batch's first "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}: set image_size to resize them on load")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def to_uint8_hwc(image) -> np.ndarray:

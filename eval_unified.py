@@ -46,12 +46,12 @@ import model as M
 import shapes
 from common import setup_runtime
 from configurator import configure
-from data import DataError, load_image, read_jsonl, save_grid, to_uint8_hwc, write_json
+from data import DataError, IMAGE_EXTENSIONS, load_image, read_records, save_grid, to_uint8_hwc, write_json
 from reward import cosine, load_backbone
 
 config = dict(
     ckpt="",  # UAE checkpoint to evaluate (empty with --generated: score existing images)
-    data="data/shapes/bench.jsonl",  # source images (and, for the shapes world, their scenes)
+    data="data/shapes/bench.jsonl",  # source images: a JSONL (the shapes world adds scenes) or a folder of images
     generated="",  # folder of reconstructions to score against --references (matched as the released scorer does)
     references="",  # folder of source images for --generated
     out_dir="out/eval",  # where reconstructions, captions, grid and results.json go
@@ -73,7 +73,6 @@ config = dict(
     seed=0,  # sampling seed (the same noise for every checkpoint)
 )
 JUDGES = ("clip", "longclip", "dinov2", "dinov3")  # the released scorer's model names
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tiff", ".webp")  # the released scorer's
 
 
 def similarities(backbone, names: list[str], sources: list, recons: list, batch_size: int) -> dict:
@@ -177,7 +176,7 @@ def evaluate(cfg) -> dict:
     else:
         if not cfg.ckpt:
             raise ValueError("give --ckpt=<UAE checkpoint> or --generated=<folder> --references=<folder>")
-        records = read_jsonl(cfg.data)
+        records = read_records(cfg.data, need_caption=False)  # a Unified-Bench folder has no captions
         names = [os.path.basename(r["image"]) for r in records]
         files = [os.path.splitext(n)[0] + ".png" for n in names]  # lossless, and found by the released matching
         first = {}

@@ -37,6 +37,7 @@ from reward import ADVANTAGE_STD, ReconstructionReward, group_advantages, load_b
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     init_from="out/grpo_encoder",  # UAE checkpoint with the RL-trained encoder
+    image_size=0,  # side the images are resized and centre-cropped to on load (0 = the decoder's: model.image_size)
     out_dir="out/grpo_decoder",  # checkpoint directory
     resume=True,  # continue from out_dir if it holds an unfinished run
     reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # f in cos(f(x), f(x_hat))
@@ -170,9 +171,9 @@ def main(argv=None):
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the DiT")
     reward_fn = ReconstructionReward(load_backbone(cfg.reward_backbone, rt.device))
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False)  # images read per step
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
-    images = load_images(train)
+    size = cfg.image_size or model.image_size
     val_captions = [r["caption"] for r in val]
     val_scenes = shapes.scenes_of(val)
     t_start, guard, first = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), True
@@ -185,7 +186,7 @@ def main(argv=None):
     while step < cfg.max_steps:
         t0 = time.time()
         idx = torch.randint(0, len(train), (local,))
-        out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
+        out = rollout(model, rt, reward_fn, load_images([train[i] for i in idx.tolist()], size), idx.tolist(), cfg)
         rewards = out["rewards"]
         stats = {"finite": False}
         if all_finite(rewards):

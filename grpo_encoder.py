@@ -37,6 +37,7 @@ from reward import ReconstructionReward, group_advantages, load_backbone
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     init_from="out/cold_start",  # UAE checkpoint to start from (the reference policy)
+    image_size=0,  # side the images are resized and centre-cropped to on load (0 = the decoder's: model.image_size)
     out_dir="out/grpo_encoder",  # checkpoint directory
     resume=True,  # continue from out_dir if it holds an unfinished run
     reward_backbone="open_clip:ShapesCLIP:data/shapes/shapes_clip.pt",  # f in cos(f(x), f(x_hat)) (reward.py spec)
@@ -162,10 +163,10 @@ def main(argv=None):
     rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the LLM")
     reward_fn = ReconstructionReward(load_backbone(cfg.reward_backbone, rt.device))
     # ---- data
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
-    probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.probe_n]
-    images = load_images(train)
-    probe_images = load_images(probe_records)
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False)  # images read per step
+    probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"), need_caption=False)[:cfg.probe_n]
+    size = cfg.image_size or model.image_size
+    probe_images = load_images(probe_records, size)
     probe_scenes = shapes.scenes_of(probe_records)
     # ---- loop
     t_start, guard = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
@@ -176,7 +177,7 @@ def main(argv=None):
     while step < cfg.max_steps:
         t0 = time.time()
         idx = torch.randint(0, len(train), (local_images,))
-        out = rollout(model, rt, reward_fn, images[idx], idx.tolist(), cfg)
+        out = rollout(model, rt, reward_fn, load_images([train[i] for i in idx.tolist()], size), idx.tolist(), cfg)
         rewards = out["rewards"]
         if not all_finite(rewards):
             stats = {"finite": False}

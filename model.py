@@ -518,6 +518,11 @@ class UAE(nn.Module):
         z = dist_.sample(generator) if sample else dist_.mode()
         return (z.float() - self.latent_shift.view(1, -1, 1, 1)) * self.latent_scale.view(1, -1, 1, 1)
 
+    @property
+    def image_size(self) -> int:
+        """Side of the images the decoder draws: the DiT's latent size times the VAE's downsampling."""
+        return self.transformer.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def compile_decoder(self) -> "UAE":
         """torch.compile the DiT for sampling; its shapes are fixed (text window, latent size, batch), so it
         compiles once per batch size. Measured on one CPU thread, 32 images x 10 CFG steps: 0.86 -> 0.56 s,

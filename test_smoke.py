@@ -22,7 +22,7 @@ sys.path.insert(0, REPO)
 import shapes  # noqa: E402
 from configurator import ConfigError, configure  # noqa: E402
 import reward  # noqa: E402
-from data import DataError, load_image, load_images, read_jsonl  # noqa: E402
+from data import DataError, load_image, load_images, read_jsonl, read_records  # noqa: E402
 from reward import ReconstructionReward, cosine, group_advantages, load_backbone  # noqa: E402
 
 
@@ -248,6 +248,36 @@ def test_jsonl_reading_and_clear_errors(tmp_path):
         read_jsonl(str(tmp_path / "bad.jsonl"))
     with pytest.raises(DataError, match=r"nope.jsonl: no such dataset file"):
         read_jsonl(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "nocap.jsonl").write_text(json.dumps({"image": "images/0.png"}) + "\n")  # a stage that needs no caption
+    with pytest.raises(DataError, match=r"nocap.jsonl:1: missing or empty \"caption\""):
+        read_jsonl(str(tmp_path / "nocap.jsonl"))
+    assert read_jsonl(str(tmp_path / "nocap.jsonl"), need_caption=False)[0]["image"] == "images/0.png"
+
+
+def test_images_of_any_size_and_mode_become_square_rgb(tmp_path):
+    from PIL import Image
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 10:30] = 255  # a white band in the middle 20 columns: the centre crop of a 2:1 image
+    Image.fromarray(wide).save(tmp_path / "a_wide.png")
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0], rgba[:4, :, 3] = 200, 255  # top half opaque red-ish, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "b_rgba.png")
+    Image.fromarray(np.full((10, 10), 77, np.uint8), "L").save(tmp_path / "c_grey.jpg", quality=100)
+    Image.fromarray(np.full((6, 6, 3), 9, np.uint8)).convert("P").save(tmp_path / "d_palette.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    records = read_records(str(tmp_path), need_caption=False)
+    assert [r["image"] for r in records] == ["a_wide.png", "b_rgba.png", "c_grey.jpg", "d_palette.png"]
+    with pytest.raises(DataError, match=r"b_rgba.png: image .* is 8x8, the batch's first 40x20: set image_size"):
+        load_images(records)
+    batch = load_images(records, size=4)
+    assert batch.shape == (4, 3, 4, 4) and batch.dtype == torch.uint8
+    assert (load_image(records[0], size=20) == 255).all()  # the centre crop of the 40x20 image is exactly the band
+    rgba_loaded = load_image(records[1])
+    assert (rgba_loaded[:4] == [200, 0, 0]).all() and (rgba_loaded[4:] == 255).all()  # transparency over white
+    assert (np.abs(load_image(records[2]).astype(int) - 77) <= 1).all() 
+    assert (load_image(records[3]) == np.asarray(Image.open(tmp_path / "d_palette.png").convert("RGB"))).all()
+    with pytest.raises(DataError, match=r"a folder of images has no captions"):
+        read_records(str(tmp_path))
 
 
 def test_prepare_runs_small_and_is_deterministic(tmp_path):
@@ -1319,6 +1349,44 @@ def test_pretrain_decoder_from_the_paper_checkpoints(paper_dirs, tiny_world, cap
     meta = json.loads((tmp_path / "dec" / "model.json").read_text())
     assert meta["parts"]["llm"] == os.path.abspath(paper_dirs[0])  # the frozen LLM is referenced, not copied
     assert meta["parts"]["transformer"] == "transformer"
+
+
+def test_rl_stages_and_eval_on_a_folder_of_mixed_images(paper_uae, tiny_world, tmp_path):
+    """Paper layout, real images: sizes, modes and formats mixed, no captions where a stage needs none; each
+    stage reads its images per step, resized and centre-cropped to the decoder's size (16 here)."""
+    import eval_unified
+    import grpo_decoder
+    import grpo_encoder
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images = tmp_path / "bench"
+    images.mkdir()
+    for i, (w, h, mode, ext) in enumerate([(40, 24, "RGB", "png"), (17, 31, "RGBA", "png"), (20, 20, "L", "jpg"),
+                                            (64, 48, "RGB", "jpg"), (12, 30, "P", "png"), (33, 33, "RGB", "webp")]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode).save(images / f"{i}.{ext}")
+    data = tmp_path / "data"
+    data.mkdir()
+    names = sorted(os.listdir(images))
+    (data / "train.jsonl").write_text("".join(json.dumps({"image": str(images / n)}) + "\n" for n in names))
+    (data / "val.jsonl").write_text("".join(json.dumps({"image": str(images / n), "caption": "a photo."}) + "\n" for n in names))
+    ckpt = tmp_path / "uae"
+    paper_uae.save(str(ckpt))
+    reward = f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"
+    grpo_encoder.main([f"--data_dir={data}", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'enc'}", "--images_per_step=2",
+                       "--group_size=2", "--max_new_tokens=4", "--decode_steps=2", "--probe_n=2", "--max_steps=2",
+                       "--lora_r=4", "--lora_alpha=8", "--compile=False", "--threads=2", reward])
+    grpo_decoder.main([f"--data_dir={data}", f"--init_from={tmp_path / 'enc'}", f"--out_dir={tmp_path / 'dec'}",
+                       "--captions_per_step=2", "--group_size=2", "--max_new_tokens=4", "--train_steps=2", "--eval_steps=2",
+                       "--eval_n=2", "--max_steps=2", "--lora_r=4", "--lora_alpha=8", "--threads=2", reward])
+    for stage in ("enc", "dec"):
+        assert common.load_training_state(str(tmp_path / stage))["step"] == 2
+    save_clip(tmp_path / "clip")
+    results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
+        f"--ckpt={tmp_path / 'dec'}", f"--data={images}", f"--out_dir={tmp_path / 'ev'}", "--sample_steps=2",
+        "--max_new_tokens=4", "--compile=False", f"--clip=hf:{tmp_path / 'clip'}", "--longclip=", "--dinov2=",
+        "--reward_backbone="]))
+    assert results["statistics_by_model"]["clip"]["valid_pairs"] == 6 and "understanding" not in results
+    assert sorted(os.listdir(tmp_path / "ev" / "reconstructions")) == sorted(os.path.splitext(n)[0] + ".png" for n in names)
 
 
 def test_save_references_sources_and_load_reproduces(paper_dirs, paper_uae, tmp_path):
