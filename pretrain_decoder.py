@@ -211,6 +211,19 @@ def build_model(cfg, rt) -> M.UAE:
     return model
 
 
+def new_ema(modules) -> list[torch.nn.Module]:
+    """fp32 copies of `modules`, whatever their dtype: with decay 0.995 a bf16 EMA rounds most updates
+    away (a steady 1e-5/step drift over 2,000 steps moved a bf16 EMA 0.010 against 0.018 in fp32)."""
+    return [copy.deepcopy(m).float().requires_grad_(False) for m in modules]
+
+
+@torch.no_grad()
+def update_ema(modules, ema, decay: float) -> None:
+    for m, e in zip(modules, ema):
+        for p, q in zip(m.parameters(), e.parameters()):
+            q.lerp_(p.float(), 1 - decay)
+
+
 @contextlib.contextmanager
 def ema_weights(modules, ema):
     """Swap the EMA weights in (sampling and the checkpoint use them); yields the raw ones, put back after."""
@@ -234,9 +247,7 @@ def main(argv=None):
     trained = model.decoder_modules()
     params = [p for m in trained for p in m.parameters()]
     broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
-    ema = copy.deepcopy(trained)
-    for m in ema:
-        m.requires_grad_(False)
+    ema = new_ema(trained)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = 0
     if state is not None:
@@ -304,10 +315,7 @@ def main(argv=None):
         all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        with torch.no_grad():
-            for m, e in zip(trained, ema):
-                for p, q in zip(m.parameters(), e.parameters()):
-                    q.lerp_(p, 1 - cfg.ema_decay)
+        update_ema(trained, ema, cfg.ema_decay)
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0:

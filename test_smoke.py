@@ -1023,6 +1023,18 @@ def test_start_run_recovers_interrupted_save_and_refuses_float16(tmp_path):
         common.Runtime(0, 0, 2, torch.device("cpu"), torch.float32).per_rank(5, "batch_size")
 
 
+def test_ema_is_fp32_whatever_the_weights_dtype():
+    from pretrain_decoder import new_ema, update_ema
+    weights = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    torch.nn.init.constant_(weights.weight, 1.0), torch.nn.init.constant_(weights.bias, 1.0)
+    ema = new_ema([weights])
+    assert all(p.dtype == torch.float32 for p in ema[0].parameters())
+    torch.nn.init.zeros_(ema[0].weight), torch.nn.init.zeros_(ema[0].bias)
+    for _ in range(1000):  # the EMA of a constant 1 from 0: 1 - 0.995^n (a bf16 one stalls near 0.6)
+        update_ema([weights], ema, 0.995)
+    torch.testing.assert_close(ema[0].weight, torch.full((4, 4), 1 - 0.995 ** 1000), atol=1e-4, rtol=0)
+
+
 def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
     import pretrain_decoder
     capsys.readouterr()
