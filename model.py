@@ -63,7 +63,8 @@ def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample
 
 def step_kl(mean, ref_mean, step_std) -> torch.Tensor:
     """Per-sample KL(N(mean, s^2 I) || N(ref_mean, s^2 I)) of two SDE steps with the same std s, averaged
-    over dimensions: |mean - ref_mean|^2 / (2 s^2) (Flow-GRPO's KL on the predicted means)."""
+    over dimensions: |mean - ref_mean|^2 / (2 s^2), s = std_t sqrt(|dt|) (the exact KL; Flow-GRPO's code divides
+    by std_t^2 alone, so its beta is ours times 1/|dt|: DESIGN §4)."""
     return ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std.flatten() ** 2)
 
 

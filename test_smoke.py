@@ -1363,9 +1363,11 @@ def test_pretrain_decoder_from_the_paper_checkpoints(paper_dirs, tiny_world, cap
     assert meta["parts"]["transformer"] == "transformer"
 
 
-def test_rl_stages_and_eval_on_a_folder_of_mixed_images(paper_uae, tiny_world, tmp_path):
-    """Paper layout, real images: sizes, modes and formats mixed, no captions where a stage needs none; each
-    stage reads its images per step, resized and centre-cropped to the decoder's size (16 here)."""
+def test_paper_configs_run_every_stage_on_a_folder_of_mixed_images(paper_uae, tiny_world, tmp_path):
+    """Paper layout and each stage's config/paper_*.py (sizes overridden), real images: sizes, modes and formats
+    mixed, no captions where a stage needs none; each stage reads its images per step, resized and
+    centre-cropped to the decoder's size (16 here)."""
+    import cold_start
     import eval_unified
     import grpo_decoder
     import grpo_encoder
@@ -1381,22 +1383,27 @@ def test_rl_stages_and_eval_on_a_folder_of_mixed_images(paper_uae, tiny_world, t
     names = sorted(os.listdir(images))
     (data / "train.jsonl").write_text("".join(json.dumps({"image": str(images / n)}) + "\n" for n in names))
     (data / "val.jsonl").write_text("".join(json.dumps({"image": str(images / n), "caption": "a photo."}) + "\n" for n in names))
+    captioned = tmp_path / "captioned"  # cold start anchors the true captions' conditioning: it needs them
+    captioned.mkdir()
+    for split in ("train", "val"):
+        (captioned / f"{split}.jsonl").write_text((data / "val.jsonl").read_text())
     ckpt = tmp_path / "uae"
     paper_uae.save(str(ckpt))
-    reward = f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"
-    grpo_encoder.main([f"--data_dir={data}", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'enc'}", "--images_per_step=2",
-                       "--group_size=2", "--max_new_tokens=4", "--decode_steps=2", "--probe_n=2", "--max_steps=2",
-                       "--lora_r=4", "--lora_alpha=8", "--compile=False", "--threads=2", reward])
-    grpo_decoder.main([f"--data_dir={data}", f"--init_from={tmp_path / 'enc'}", f"--out_dir={tmp_path / 'dec'}",
-                       "--captions_per_step=2", "--group_size=2", "--max_new_tokens=4", "--train_steps=2", "--eval_steps=2",
-                       "--eval_n=2", "--max_steps=2", "--lora_r=4", "--lora_alpha=8", "--threads=2", reward])
-    for stage in ("enc", "dec"):
-        assert common.load_training_state(str(tmp_path / stage))["step"] == 2
     save_clip(tmp_path / "clip")
+    paper = lambda stage: os.path.join(REPO, "config", f"paper_{stage}.py")  # each stage's paper config, sizes overridden
+    tiny = [f"--reward_backbone=hf:{tmp_path / 'clip'}", "--image_size=0", "--lora_r=4", "--lora_alpha=8",
+            "--max_new_tokens=4", "--max_steps=2", "--threads=2"]
+    cold_start.main([paper("cold_start"), f"--data_dir={captioned}", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'cs'}",
+                     "--batch_size=2", "--sample_steps=2"] + tiny)
+    grpo_encoder.main([paper("grpo_encoder"), f"--data_dir={data}", f"--init_from={tmp_path / 'cs'}", f"--out_dir={tmp_path / 'enc'}",
+                       "--images_per_step=2", "--group_size=2", "--decode_steps=2", "--probe_n=2", "--compile=False"] + tiny)
+    grpo_decoder.main([paper("grpo_decoder"), f"--data_dir={data}", f"--init_from={tmp_path / 'enc'}", f"--out_dir={tmp_path / 'dec'}",
+                       "--captions_per_step=2", "--group_size=2", "--train_steps=3", "--eval_steps=2", "--eval_n=2"] + tiny)
+    for stage in ("cs", "enc", "dec"):
+        assert common.load_training_state(str(tmp_path / stage))["step"] == 2
     results = eval_unified.evaluate(eval_unified.configure(eval_unified.config, [
-        f"--ckpt={tmp_path / 'dec'}", f"--data={images}", f"--out_dir={tmp_path / 'ev'}", "--sample_steps=2",
-        "--max_new_tokens=4", "--compile=False", f"--clip=hf:{tmp_path / 'clip'}", "--longclip=", "--dinov2=",
-        "--reward_backbone="]))
+        paper("eval"), f"--ckpt={tmp_path / 'dec'}", f"--data={images}", f"--out_dir={tmp_path / 'ev'}", "--sample_steps=2",
+        "--max_new_tokens=4", "--compile=False", f"--clip=hf:{tmp_path / 'clip'}", "--longclip=", "--dinov2=", "--dinov3="]))
     assert results["statistics_by_model"]["clip"]["valid_pairs"] == 6 and "understanding" not in results
     assert sorted(os.listdir(tmp_path / "ev" / "reconstructions")) == sorted(os.path.splitext(n)[0] + ".png" for n in names)
 

@@ -1,0 +1,21 @@
+# Paper scale, Unified-GRPO stage 1 (DESIGN §4.3): after config/paper_pretrain_decoder.py,
+#   torchrun --nproc_per_node=8 cold_start.py config/paper_cold_start.py --data_dir=/data/longcap
+# Where each value comes from: [R] the released UAE code (DESIGN §3), [P] the paper, [-] neither gives it
+# (our choice; the shapes world's value where it transfers).
+init_from = "out/paper_pretrain_decoder"
+out_dir = "out/paper_cold_start"
+image_size = 1024  # [R] SD3.5-Large's native size, the released inference size
+reward_backbone = "hf:/ckpt/clip-vit-large-patch14"  # [R] the released score module: CLIP ViT-L/14, 1 - cos
+lora_r = 32  # [R]
+lora_alpha = 64  # [R]
+lr_lora = 5e-5  # [-]
+lr_decoder = 2e-6  # [-] [P] says only "gently initialise"
+max_steps = 500  # [-]
+batch_size = 64  # [-]
+sample_steps = 10  # [R] steps of the released code's differentiable sampler
+temperature = 0.7  # [R]
+max_new_tokens = 512  # [R]
+ce_weight = 1.0  # [-]
+anchor_weight = 3.0  # [-] chosen on the shapes world's val (RESULTS.md)
+log_interval = 10
+save_interval = 100
