@@ -54,7 +54,7 @@ config = dict(
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     decode_steps=10,  # Euler steps of the frozen decoder
-    cfg_scale=1.25,  # guidance of the frozen decoder: the bench's (README "guidance")
+    cfg_scale=1.0,  # guidance of the frozen decoder's reward renders (val: 1.0 scored +2.8 Unified-Score over 1.25 at 25% less time per step; RESULTS.md)
     compile=True,  # torch.compile the frozen DiT (model.compile_decoder)
     # loss
     mu=1,  # policy updates per rollout (1: old log-probs = logp.detach(), no extra forward)
