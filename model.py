@@ -220,8 +220,10 @@ class UAE(nn.Module):
                 with lora_merged(obj) if isinstance(obj, nn.Module) else contextlib.nullcontext():
                     obj.save_pretrained(os.path.join(directory, part))
                 parts[part] = part
-            elif part in self.sources:
-                parts[part] = os.path.abspath(self.sources[part])
+            elif part in self.sources:  # beside this checkpoint (an earlier stage of one out/ folder): relative,
+                source, home = os.path.abspath(self.sources[part]), os.path.dirname(os.path.abspath(directory))
+                parts[part] = os.path.relpath(source, os.path.abspath(directory)) \
+                    if os.path.commonpath([source, home]) == home else source  # so the folder moves as a whole
             else:
                 raise ValueError(f"UAE.save: part '{part}' was built in memory and must be in trained={trained}")
         positions = {} if self.text_positions is None else {"text_positions": self.text_positions.weight}
@@ -246,7 +248,7 @@ class UAE(nn.Module):
             raise FileNotFoundError(f"{meta_path}: not a UAE checkpoint (no model.json)")
         with open(meta_path) as f:
             meta = json.load(f)
-        paths = {part: os.path.join(directory, p) for part, p in meta["parts"].items()}
+        paths = {part: os.path.normpath(os.path.join(directory, p)) for part, p in meta["parts"].items()}  # p: relative or absolute
         for part, path in paths.items():
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")

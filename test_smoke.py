@@ -1433,6 +1433,20 @@ def test_save_references_sources_and_load_reproduces(paper_dirs, paper_uae, tmp_
         torch.testing.assert_close(loaded.sample_ode(b, 2, noise=noise), paper_uae.sample_ode(a, 2, noise=noise))
 
 
+def test_a_folder_of_stages_moves_as_a_whole(paper_uae, tmp_path):
+    import shutil
+    first, second = tmp_path / "out" / "first", tmp_path / "out" / "second"
+    paper_uae.save(str(first))  # every part written
+    M.UAE.load(str(first)).save(str(second), trained=("llm",))  # a later stage: the other parts point into `first`
+    meta = json.loads((second / "model.json").read_text())
+    assert meta["parts"]["transformer"] == os.path.join("..", "first", "transformer") and meta["parts"]["llm"] == "llm"
+    shutil.move(str(tmp_path / "out"), str(tmp_path / "moved"))
+    loaded = M.UAE.load(str(tmp_path / "moved" / "second"))
+    assert loaded.sources["transformer"] == str(tmp_path / "moved" / "first" / "transformer")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.condition(["a cat"]), paper_uae.condition(["a cat"]))
+
+
 def test_missing_directories_are_named(paper_dirs, tmp_path):
     qwen_dir, sd3_dir = paper_dirs
     missing = str(tmp_path / "no_such_qwen")
