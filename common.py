@@ -43,9 +43,13 @@ class Runtime:
         stack = contextlib.ExitStack()
         if self.dtype != torch.float32:
             stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
-        if training and self.device.type == "cpu":
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(self.attention_kernel(training))
         return stack
+
+    def attention_kernel(self, training: bool = False):
+        """autocast's attention-kernel choice alone: a backward that recomputes checkpointed blocks must
+        run them with the kernel of their forward."""
+        return sdpa_kernel(SDPBackend.MATH) if training and self.device.type == "cpu" else contextlib.nullcontext()
 
     def print(self, *args, **kwargs):
         if self.master:
@@ -255,28 +259,114 @@ class NonFiniteGuard:
         return False
 
 
+# ============================================================================ sharding (FSDP2)
+
+def shard(modules: list[nn.Module], compute_dtype: torch.dtype):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) over every rank: each module's repeated blocks (a DiT's
+    transformer_blocks), then the module. Parameters stay fp32 masters, and they, their gradients and the
+    AdamW state are split over the ranks; each block is gathered in compute_dtype for its forward and
+    backward only, gradients are reduced in fp32. Replaces all_reduce_grads for these modules."""
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for m in modules:
+        m.float()
+        for block in getattr(m, "transformer_blocks", []):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(m, mp_policy=policy)
+
+
+def reshard(modules: list[nn.Module]):
+    """Free the gathered weights of sharded modules. FSDP2 keeps a root module gathered after a forward
+    that has no backward (sampling, probes), with plain tensors in place of its sharded parameters, which
+    the optimizer and the checkpoint hold: call this after such a forward."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, FSDPModule):
+                sub.reshard()
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU: a sharded one (DTensor) is gathered, a collective every rank calls."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+
+def like_param(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` (a saved whole tensor) laid out as `param`: this rank's shard of it when param is sharded."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return full.to(param.device, param.dtype)
+
+
+@contextlib.contextmanager
+def full_state_dicts(modules: list[nn.Module]):
+    """While inside, each sharded module's state_dict() on rank 0 returns its whole weights on the CPU, so
+    that save_pretrained and model.save write ordinary files. Every rank enters (the gathering is a
+    collective); unsharded modules are left alone."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    patched = []
+    for m in modules:
+        if is_sharded(m):
+            full = get_model_state_dict(m, options=options)
+            m.state_dict = lambda *args, _full=full, **kwargs: _full
+            patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.state_dict
+
+
+def optimizer_state(optimizer, modules: list[nn.Module]) -> dict:
+    """The optimizer's state to save: whole tensors keyed by parameter name when `modules` are sharded (a
+    collective; loadable in any world size), else the ordinary state_dict."""
+    if not any(is_sharded(m) for m in modules):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
+    return get_optimizer_state_dict(nn.ModuleList(modules), optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(optimizer, modules: list[nn.Module], state: dict):
+    if not any(is_sharded(m) for m in modules):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
+    set_optimizer_state_dict(nn.ModuleList(modules), optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
 def save_checkpoint(out_dir: str, model, trained, optimizer, step: int, config: dict,
-                    extra: dict | None = None, history: list[dict] | None = None, rank_state=None):
+                    extra: dict | None = None, history: list[dict] | None = None, rank_state=None, sharded=()):
     """Atomically write weights (model.save), optimizer, step, config and every rank's RNG state into
     out_dir. Every rank calls it (gathering the RNG states is a collective); rank 0 alone writes. An RL
     run's per-step `history` also goes in, as log.jsonl and reward_curve.png; `rank_state` is what each
-    rank keeps for itself (the reward's source-feature cache), saved as a list in rank order."""
+    rank keeps for itself (the reward's source-feature cache), saved as a list in rank order. `sharded`:
+    the modules under FSDP (shard), whose weights and optimizer state are gathered whole, so the checkpoint
+    loads in any world size."""
     from data import plot_curve
     rng = rng_states()
     per_rank = gather_ranks(rank_state) if rank_state is not None else None
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    with atomic_dir(out_dir) as tmp:
-        model.save(tmp, trained)
-        torch.save({"optimizer": optimizer.state_dict(), "step": step, "config": config, "rng": rng,
-                    "rank_state": per_rank, "history": history, **(extra or {})},
-                   os.path.join(tmp, "training_state.pt"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        if history is not None:
-            with open(os.path.join(tmp, "log.jsonl"), "w") as f:  # every step so far, one JSON line each
-                f.writelines(json.dumps(row) + "\n" for row in history)
-            plot_curve([row["reward_mean"] for row in history], os.path.join(tmp, "reward_curve.png"), "reward mean")
+    opt_state = optimizer_state(optimizer, list(sharded))
+    with full_state_dicts(list(sharded)):
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        with atomic_dir(out_dir) as tmp:
+            model.save(tmp, trained)
+            torch.save({"optimizer": opt_state, "step": step, "config": config, "rng": rng,
+                        "rank_state": per_rank, "history": history, **(extra or {})},
+                       os.path.join(tmp, "training_state.pt"))
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=1)
+            if history is not None:
+                with open(os.path.join(tmp, "log.jsonl"), "w") as f:  # every step so far, one JSON line each
+                    f.writelines(json.dumps(row) + "\n" for row in history)
+                plot_curve([row["reward_mean"] for row in history], os.path.join(tmp, "reward_curve.png"), "reward mean")
 
 
 def load_training_state(directory: str) -> dict | None:

@@ -226,7 +226,7 @@ class UAE(nn.Module):
                     if os.path.commonpath([source, home]) == home else source  # so the folder moves as a whole
             else:
                 raise ValueError(f"UAE.save: part '{part}' was built in memory and must be in trained={trained}")
-        positions = {} if self.text_positions is None else {"text_positions": self.text_positions.weight}
+        positions = {} if self.text_positions is None else {"text_positions": self.text_positions.state_dict()["weight"]}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in (self.projector.state_dict() | positions).items()} |
                   {k: getattr(self, k).cpu() for k in ("pooled", "latent_shift", "latent_scale", "text_shift", "text_scale")},
                   os.path.join(directory, "projector.safetensors"))
@@ -424,12 +424,11 @@ class UAE(nn.Module):
         stay zero, so the projector sees only their position."""
         is_text = caption_tokens(hidden).unsqueeze(-1)
         hidden = torch.where(is_text, (hidden - self.text_shift.to(hidden.dtype)) * self.text_scale.to(hidden.dtype), 0)
-        if self.text_positions is not None:
-            table = self.text_positions.weight
-            if hidden.shape[1] > table.shape[0]:
-                raise ValueError(f"{hidden.shape[1]} text tokens exceed the decoder's {table.shape[0]} text "
-                                 f"positions (max_text_tokens)")
-            hidden = hidden + table[:hidden.shape[1]].to(hidden.dtype)
+        if self.text_positions is not None:  # called, not indexed: a sharded table (FSDP) gathers in its forward
+            if hidden.shape[1] > self.text_positions.num_embeddings:
+                raise ValueError(f"{hidden.shape[1]} text tokens exceed the decoder's {self.text_positions.num_embeddings} "
+                                 f"text positions (max_text_tokens)")
+            hidden = hidden + self.text_positions(torch.arange(hidden.shape[1], device=hidden.device)).to(hidden.dtype)
         return self.projector(hidden)
 
     def generate_prefix_tokens(self) -> int:

@@ -23,7 +23,6 @@ The design choices above (x-prediction, standardised text states, timestep shift
 the math attention kernel) and their measurements are in RESULTS.md.
 """
 import contextlib
-import copy
 import os
 import sys
 import time
@@ -36,8 +35,8 @@ from tqdm import tqdm
 import model as M
 import shapes
 from common import (
-    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, lr_at, NonFiniteGuard,
-    save_checkpoint, set_rng_state, start_run)
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, full_tensor, like_param, lr_at,
+    load_optimizer_state, NonFiniteGuard, reshard, save_checkpoint, set_rng_state, shard, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
 
@@ -67,6 +66,9 @@ config = dict(
     # optimisation
     max_steps=8000,  # optimizer steps (RESULTS.md: not yet the val plateau on the mixed corpus)
     batch_size=64,  # global batch (split over ranks)
+    micro_batch=0,  # samples per forward/backward (0 = the rank's whole batch); gradients accumulate to the batch
+    fsdp=False,  # shard text positions, projector and DiT over the ranks with FSDP2 (common.shard; torchrun): paper scale
+    grad_checkpointing=False,  # recompute each DiT block in the backward instead of keeping its activations (paper scale)
     lr=1e-3,  # AdamW peak learning rate
     warmup=100,  # linear warmup steps
     weight_decay=0.0,  # AdamW weight decay
@@ -211,30 +213,31 @@ def build_model(cfg, rt) -> M.UAE:
     return model
 
 
-def new_ema(modules) -> list[torch.nn.Module]:
-    """fp32 copies of `modules`, whatever their dtype: with decay 0.995 a bf16 EMA rounds most updates
-    away (a steady 1e-5/step drift over 2,000 steps moved a bf16 EMA 0.010 against 0.018 in fp32)."""
-    return [copy.deepcopy(m).float().requires_grad_(False) for m in modules]
+def new_ema(params) -> list[torch.Tensor]:
+    """fp32 copies of the trained parameters (this rank's shards under FSDP), whatever their dtype: with
+    decay 0.995 a bf16 EMA rounds most updates away (a steady 1e-5/step drift over 2,000 steps moved a
+    bf16 EMA 0.010 against 0.018 in fp32)."""
+    return [p.detach().float().clone() for p in params]
 
 
 @torch.no_grad()
-def update_ema(modules, ema, decay: float) -> None:
-    for m, e in zip(modules, ema):
-        for p, q in zip(m.parameters(), e.parameters()):
-            q.lerp_(p.float(), 1 - decay)
+def update_ema(params, ema, decay: float) -> None:
+    for p, q in zip(params, ema):
+        q.lerp_(p.detach().float(), 1 - decay)
 
 
 @contextlib.contextmanager
-def ema_weights(modules, ema):
+@torch.no_grad()
+def ema_weights(params, ema):
     """Swap the EMA weights in (sampling and the checkpoint use them); yields the raw ones, put back after."""
-    raw = [copy.deepcopy(m.state_dict()) for m in modules]
-    for m, e in zip(modules, ema):
-        m.load_state_dict(e.state_dict())
+    raw = [p.detach().clone() for p in params]
+    for p, e in zip(params, ema):
+        p.copy_(e)
     try:
         yield raw
     finally:
-        for m, r in zip(modules, raw):
-            m.load_state_dict(r)
+        for p, r in zip(params, raw):
+            p.copy_(r)
 
 
 def main(argv=None):
@@ -245,16 +248,23 @@ def main(argv=None):
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
     model = build_model(cfg, rt)
     trained = model.decoder_modules()
+    broadcast_from_master([p for m in trained for p in m.parameters()])  # one model on every rank (per-rank seeds drew the random inits)
+    if cfg.grad_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    if cfg.fsdp:
+        if rt.world_size == 1 and not torch.distributed.is_initialized():
+            raise ValueError("fsdp=True shards over the ranks of a torchrun launch: run under torchrun")
+        shard(trained, rt.dtype)
     params = [p for m in trained for p in m.parameters()]
-    broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
-    ema = new_ema(trained)
+    ema = new_ema(params)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step = 0
-    if state is not None:
-        for m, e, raw, smooth in zip(trained, ema, state["raw"], state["ema"]):
-            m.load_state_dict(raw)
-            e.load_state_dict(smooth)
-        opt.load_state_dict(state["optimizer"])
+    if state is not None:  # whole tensors in the checkpoint; this rank's shards of them under FSDP
+        with torch.no_grad():
+            for p, e, raw, smooth in zip(params, ema, state["raw"], state["ema"]):
+                p.copy_(like_param(raw, p))
+                e.copy_(like_param(smooth, e))
+        load_optimizer_state(opt, trained if cfg.fsdp else [], state["optimizer"])
         step = state["step"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"decoder: projector {sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M + "
@@ -306,16 +316,25 @@ def main(argv=None):
         sigma = torch.sigmoid(cfg.timestep_mean + torch.randn(local_batch, device=rt.device))  # logit-normal timesteps
         shift = model.scheduler.config.shift  # the same resolution shift the sampler's schedule uses
         sigma = shift * sigma / (1 + (shift - 1) * sigma)
-        with rt.autocast(training=True):
-            loss = loss_fn(model, x0, h, sigma, torch.randn_like(x0), cfg.loss_space)
+        noise = torch.randn_like(x0)
+        opt.zero_grad(set_to_none=True)
+        micro = cfg.micro_batch or local_batch
+        losses = []
+        for i in range(0, local_batch, micro):  # each chunk's loss weighted by its share: the batch's mean gradient
+            part = slice(i, i + micro)
+            with rt.autocast(training=True):
+                loss = loss_fn(model, x0[part], h[part], sigma[part], noise[part], cfg.loss_space)
+            with rt.attention_kernel(training=True):  # grad_checkpointing recomputes blocks in here
+                (loss * len(x0[part]) / local_batch).backward()
+            losses.append(loss.detach() * len(x0[part]) / local_batch)
+        loss = torch.stack(losses).sum()
         if not guard.passed(all_finite(loss), step + 1):
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        all_reduce_grads(params)
+        if not cfg.fsdp:  # FSDP reduced the gradients of its shards in the backward
+            all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        update_ema(trained, ema, cfg.ema_decay)
+        update_ema(params, ema, cfg.ema_decay)
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0:
@@ -323,10 +342,10 @@ def main(argv=None):
             dt, t_log = (time.time() - t_log) / cfg.log_interval, time.time()
             rt.print(f"step {step} loss {loss_avg:.4f} lr {lr:.2e} step_time {dt * 1000:.0f}ms elapsed {time.time() - t0:.0f}s")
         last = step == cfg.max_steps
-        probing = rt.master and (step % cfg.eval_interval == 0 or last)
+        probing = (rt.master or cfg.fsdp) and (step % cfg.eval_interval == 0 or last)  # sharded: every rank takes part
         saving = step % cfg.save_interval == 0 or last
         if probing or saving:
-            with ema_weights(trained, ema) as raw:
+            with ema_weights(params, ema) as raw:
                 if probing:
                     model.eval()
                     eval_gen.manual_seed(cfg.seed)
@@ -334,11 +353,14 @@ def main(argv=None):
                     report["text_reliance"] = M.text_reliance(model, rt, val_latents, val_hidden, eval_gen)["text_reliance"]
                     rt.print(f"eval step {step} " + shapes.format_report(report))
                     model.train()
+                    if cfg.fsdp:
+                        reshard(trained)
                 if saving:  # every rank: the RNG states are gathered
                     trained_parts = ("transformer",) + (("scheduler",) if cfg.new_decoder else ()) + \
                                     (("vae",) if cfg.new_decoder and cfg.vae_dir else ())
                     save_checkpoint(cfg.out_dir, model, trained_parts, opt, step, vars(cfg),
-                                      {"raw": raw, "ema": [e.state_dict() for e in ema]})
+                                    {"raw": [full_tensor(r) for r in raw], "ema": [full_tensor(e) for e in ema]},
+                                    sharded=trained if cfg.fsdp else ())
     bar.close()
     end_run(rt, step, t0)
 

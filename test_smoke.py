@@ -1027,12 +1027,14 @@ def test_ema_is_fp32_whatever_the_weights_dtype():
     from pretrain_decoder import new_ema, update_ema
     weights = torch.nn.Linear(4, 4).to(torch.bfloat16)
     torch.nn.init.constant_(weights.weight, 1.0), torch.nn.init.constant_(weights.bias, 1.0)
-    ema = new_ema([weights])
-    assert all(p.dtype == torch.float32 for p in ema[0].parameters())
-    torch.nn.init.zeros_(ema[0].weight), torch.nn.init.zeros_(ema[0].bias)
+    params = list(weights.parameters())
+    ema = new_ema(params)
+    assert all(e.dtype == torch.float32 for e in ema)
+    for e in ema:
+        e.zero_()
     for _ in range(1000):  # the EMA of a constant 1 from 0: 1 - 0.995^n (a bf16 one stalls near 0.6)
-        update_ema([weights], ema, 0.995)
-    torch.testing.assert_close(ema[0].weight, torch.full((4, 4), 1 - 0.995 ** 1000), atol=1e-4, rtol=0)
+        update_ema(params, ema, 0.995)
+    torch.testing.assert_close(ema[0], torch.full((4, 4), 1 - 0.995 ** 1000), atol=1e-4, rtol=0)
 
 
 def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
@@ -1061,6 +1063,48 @@ def test_two_process_gloo_run(tiny_world, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("step 4 loss") == 1  # only rank 0 prints
     assert common.load_training_state(str(out))["step"] == 4
+
+
+def test_fsdp_run_killed_and_resumed_is_bit_identical_and_loads_in_one_process(tiny_world, tmp_path):
+    """pretrain_decoder sharded with FSDP2 over 2 gloo ranks, with activation checkpointing and 2 micro-batches
+    per rank: killed in step 3 (after its step-2 checkpoint) and rerun, it ends where an unbroken run ends;
+    the checkpoint, gathered whole, loads in one process and samples."""
+    (tmp_path / "kill").mkdir()  # a rank's 3rd optimizer step raises: the kill, at the same point on both ranks
+    (tmp_path / "kill" / "sitecustomize.py").write_text(
+        "import os, torch\n"
+        "if os.environ.get('KILL_AT_STEP'):\n"
+        "    real, calls = torch.optim.AdamW.step, [0]\n"
+        "    def step(self, *a, **k):\n"
+        "        calls[0] += 1\n"
+        "        if calls[0] == int(os.environ['KILL_AT_STEP']):\n"
+        "            raise SystemExit('killed')\n"
+        "        return real(self, *a, **k)\n"
+        "    torch.optim.AdamW.step = step\n")
+    def launch(out, kill=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "pretrain_decoder.py"), f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'enc'}",
+               f"--out_dir={out}", "--max_steps=4", "--log_interval=1", "--eval_interval=100", "--save_interval=2",
+               f"--vae_dir={tiny_world / 'vae'}", "--fsdp=True", "--grad_checkpointing=True", "--micro_batch=2"] + \
+            [a.replace("--threads=2", "--threads=1") for a in TINY_DECODER]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "kill"), os.environ.get("PYTHONPATH", "")]),
+                   **({"KILL_AT_STEP": str(kill)} if kill else {}))
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    whole = launch(tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert launch(tmp_path / "cut", kill=3).returncode != 0
+    assert common.load_training_state(str(tmp_path / "cut"))["step"] == 2
+    resumed = launch(tmp_path / "cut")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
+    a, b = (common.load_training_state(str(tmp_path / d)) for d in ("whole", "cut"))
+    assert a["step"] == b["step"] == 4
+    for key in ("raw", "ema"):  # fp32 masters and EMA, gathered whole
+        assert len(a[key]) == len(b[key]) > 0 and all(torch.equal(x, y) for x, y in zip(a[key], b[key]))
+    assert all(x.dtype == torch.float32 for x in a["ema"])
+    one = M.UAE.load(str(tmp_path / "whole"))
+    assert [k for k, v in one.state_dict().items() if not torch.equal(v, M.UAE.load(str(tmp_path / "cut")).state_dict()[k])] == []
+    with torch.no_grad():
+        image = one.generate(["a red circle."], steps=2)
+    assert image.shape == (1, 3, shapes.CANVAS, shapes.CANVAS) and torch.isfinite(image).all()
 
 
 # ----------------------------------------------------------------------------- the GRPO loss
