@@ -67,6 +67,7 @@ config = dict(
     cfg_scale=1.25,  # classifier-free guidance scale (shapes world: best of 1-3, README "guidance")
     batch_size=50,  # images per forward
     compile=True,  # torch.compile the DiT (model.compile_decoder)
+    weights_dtype="float32",  # dtype the checkpoint is loaded in (paper: bfloat16, half the memory)
     geneval=True,  # shapes world: also generate from the true long captions (GenEval-shapes)
     device="auto",  # auto = cuda if available else cpu
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
@@ -184,7 +185,7 @@ def evaluate(cfg) -> dict:
             if first.setdefault(file, r["where"]) != r["where"]:
                 raise DataError(f"{r['where']}: image file name {name} gives reconstruction {file}, as {first[file]} does")
         sources = [load_image(r) for r in records]  # a list: real benches mix image sizes
-        model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
+        model = M.UAE.load(cfg.ckpt, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device).eval()
         if cfg.compile:
             model.compile_decoder()
         generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)

@@ -40,6 +40,7 @@ from reward import ADVANTAGE_STD, ReconstructionReward, group_advantages, load_b
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     init_from="out/grpo_encoder",  # UAE checkpoint with the RL-trained encoder
+    weights_dtype="float32",  # dtype the frozen weights are loaded in (paper: bfloat16, half the memory; adapters stay fp32)
     image_size=0,  # side the images are resized and centre-cropped to on load (0 = the decoder's: model.image_size)
     out_dir="out/grpo_decoder",  # checkpoint directory
     resume=True,  # continue from out_dir if it holds an unfinished run
@@ -161,7 +162,7 @@ def main(argv=None):
     if cfg.advantage_std not in ADVANTAGE_STD:
         raise ValueError(f"advantage_std must be one of {ADVANTAGE_STD}, got {cfg.advantage_std!r}")
     local = rt.per_rank(cfg.captions_per_step, "captions_per_step")  # a caption's group stays on one rank
-    model = M.UAE.load(cfg.init_from).to(rt.device)
+    model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
     model.requires_grad_(False)
     params = model.add_lora("transformer", cfg.lora_r, cfg.lora_alpha, M.DIT_LORA_TARGETS)
     broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)

@@ -39,6 +39,7 @@ from reward import ReconstructionReward, group_advantages, load_backbone
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     init_from="out/cold_start",  # UAE checkpoint to start from (the reference policy)
+    weights_dtype="float32",  # dtype the frozen weights are loaded in (paper: bfloat16, half the memory; adapters stay fp32)
     image_size=0,  # side the images are resized and centre-cropped to on load (0 = the decoder's: model.image_size)
     out_dir="out/grpo_encoder",  # checkpoint directory
     resume=True,  # continue from out_dir if it holds an unfinished run
@@ -149,7 +150,7 @@ def main(argv=None):
         return
     local_images = rt.per_rank(cfg.images_per_step, "images_per_step")  # an image's group stays on one rank
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model
-    model = M.UAE.load(cfg.init_from).to(rt.device)
+    model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
     model.requires_grad_(False)
     if cfg.compile:
         model.compile_decoder()

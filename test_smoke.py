@@ -1398,7 +1398,7 @@ def test_pretrain_decoder_from_the_paper_checkpoints(paper_dirs, tiny_world, cap
     capsys.readouterr()
     pretrain_decoder.main([os.path.join(REPO, "config", "paper_pretrain_decoder.py"), f"--data_dir={data}",
                            f"--qwen_dir={paper_dirs[0]}", f"--sd3_dir={paper_dirs[1]}", f"--out_dir={tmp_path / 'dec'}",
-                           "--weights_dtype=float32", "--image_size=32", "--batch_size=2", "--max_steps=2", "--warmup=1",
+                           "--weights_dtype=float32", "--fsdp=False", "--image_size=32", "--batch_size=2", "--max_steps=2", "--warmup=1",
                            "--eval_n=2", "--sample_steps=2", "--log_interval=1", "--threads=1", "--compile=False"])
     out = capsys.readouterr().out
     assert len(_logged(out)) == 2 and "text_reliance" in out and "overall" not in out

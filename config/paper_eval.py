@@ -13,3 +13,4 @@ sample_steps = 40  # [R]
 cfg_scale = 5.0  # [R]
 batch_size = 4  # [-] 1024 px
 geneval = False  # GenEval-shapes needs the shapes world's scenes
+weights_dtype = "bfloat16"  # [-] half the memory of fp32

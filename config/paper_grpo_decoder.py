@@ -4,6 +4,7 @@
 # for SD3.5 (config/grpo.py geneval_sd3 of github.com/yifan123/flow_grpo), [-] neither (our choice).
 init_from = "out/paper_grpo_encoder"
 out_dir = "out/paper_grpo_decoder"
+weights_dtype = "bfloat16"  # [-] frozen 3.75B LLM + 8.06B DiT in bf16: 23.6 GB instead of 47 GB
 image_size = 1024  # [R] (Flow-GRPO trains SD3.5-M at 512)
 reward_backbone = "hf:/ckpt/clip-vit-large-patch14"  # the paper's reconstruction reward, CLIP ViT-L/14
 lora_r = 32  # [R] [F]

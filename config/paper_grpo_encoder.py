@@ -4,6 +4,7 @@
 # of DESIGN §4, [-] none of them (our choice).
 init_from = "out/paper_cold_start"
 out_dir = "out/paper_grpo_encoder"
+weights_dtype = "bfloat16"  # [-] frozen 3.75B LLM + 8.06B DiT in bf16: 23.6 GB instead of 47 GB
 image_size = 1024  # [R]
 reward_backbone = "hf:/ckpt/clip-vit-large-patch14"  # [P] cos(f_CLIP(x), f_CLIP(x_hat))
 lora_r = 32  # [R]

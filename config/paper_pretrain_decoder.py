@@ -5,7 +5,10 @@
 init_from = "pretrained"
 qwen_dir = "/ckpt/Qwen2.5-VL-3B-Instruct"
 sd3_dir = "/ckpt/stable-diffusion-3.5-large"
-weights_dtype = "bfloat16"  # 3B + 8B parameters: fp32 weights and AdamW state would not fit one GPU
+weights_dtype = "bfloat16"  # the frozen LLM in bf16; under fsdp the trained projector + DiT become fp32 masters
+fsdp = True  # 8.06B DiT: fp32 weights, grads, AdamW and EMA (20 B/param) split over the GPUs (torchrun)
+grad_checkpointing = True  # 1024^2 samples: recompute DiT blocks in the backward
+micro_batch = 2  # samples per forward/backward on a GPU; 64 / 8 GPUs = 8 per rank, 4 micro-batches
 out_dir = "out/paper_pretrain_decoder"
 new_decoder = False  # keep SD3.5's DiT and VAE; only the projector is new
 vae_dir = ""
