@@ -63,6 +63,7 @@ config = dict(
     sde_steps=0,  # the first sde_steps steps are stochastic and trained, the rest ODE (0 = all but the last)
     cfg_scale=1.25,  # guidance, the same at sampling and in the update (README "guidance")
     shared_noise=False,  # a caption's G images start from the same initial latent (DanceGRPO)
+    micro_batch=0,  # trajectories per DiT forward, in sampling and in the update alike (0 = the rank's all; paper: memory)
     timestep_fraction=0.6,  # fraction of the SDE steps trained per rollout
     # loss
     clip_eps=1e-4,  # ratio clip range (Flow-GRPO)
@@ -96,14 +97,17 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
         # the SDE steps' noise, which is what the log-probs credit (DanceGRPO's use_same_noise)
         noise = (torch.randn(model.latent_shape(len(texts)), device=rt.device).repeat_interleave(cfg.group_size, 0)
                  if cfg.shared_noise else None)
-        traj = model.sample_sde(cond, cfg.train_steps, cfg.cfg_scale, negative, cfg.noise_level, sde_steps=cfg.sde_steps,
-                                noise=noise)
-        recon = model.decode_latents(traj["latents"][:, -1])
+        chunks = [slice(i, i + (cfg.micro_batch or len(cond))) for i in range(0, len(cond), cfg.micro_batch or len(cond))]
+        parts = [model.sample_sde(cond[c], cfg.train_steps, cfg.cfg_scale, None if negative is None else negative[c],
+                                  cfg.noise_level, sde_steps=cfg.sde_steps, noise=None if noise is None else noise[c])
+                 for c in chunks]
+        traj = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "log_probs", "means")} | {"sigmas": parts[0]["sigmas"]}
+        recon = torch.cat([model.decode_latents(traj["latents"][c, -1]) for c in chunks])
     t2 = time.time()
     sources = images.repeat_interleave(cfg.group_size, 0).float().div(255).to(rt.device)
     rewards = reward_fn.reconstruction_reward(sources, recon, keys=[k for k in keys for _ in range(cfg.group_size)])
     model.train()
-    return {"texts": texts, "cond": cond, "negative": negative, "traj": traj, "rewards": rewards.float(),
+    return {"texts": texts, "cond": cond, "negative": negative, "traj": traj, "rewards": rewards.float(), "chunks": chunks,
             "seconds": {"caption": t1 - t0, "sample": t2 - t1, "reward": time.time() - t2}}
 
 
@@ -116,25 +120,29 @@ def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: b
     totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "max_ratio_error": 0.0}
     ones = torch.ones(len(advantages), 1, device=rt.device)
     for j in chosen:
-        x, x_next = traj["latents"][:, j], traj["latents"][:, j + 1]
-        with rt.autocast():
-            _, logp, mean, step_std = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond, negative, cfg.cfg_scale,
-                                                        cfg.noise_level, sigmas[1], prev_sample=x_next)
-            with torch.no_grad(), lora_disabled(model.transformer):
-                _, _, ref_mean, _ = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond, negative, cfg.cfg_scale,
-                                                         cfg.noise_level, sigmas[1], prev_sample=x_next)
-        kl = M.step_kl(mean, ref_mean, step_std)
-        old = traj["log_probs"][:, j]
-        if check_on_policy and j == chosen[0]:
-            totals["max_ratio_error"] = (torch.exp(logp.detach() - old) - 1).abs().max().item()
-        loss, stats = M.grpo_loss(logp[:, None], old[:, None], None, advantages, ones, cfg.clip_eps, None, cfg.beta,
-                                  kl=kl[:, None], return_stats=True)
-        if not all_finite(loss):
-            return {**totals, "finite": False}
-        (loss / len(chosen)).backward()
-        totals["loss"] += loss.item() / len(chosen)
-        totals["kl"] += stats["kl"].item() / len(chosen)
-        totals["clip_fraction"] += stats["clip_fraction"].item() / len(chosen)
+        for c in out["chunks"]:  # the sampler's layout, so the ratio is exactly 1 on-policy
+            share = len(advantages[c]) / len(advantages)  # of the mean over trajectories; then over timesteps
+            x, x_next = traj["latents"][c, j], traj["latents"][c, j + 1]
+            neg = None if negative is None else negative[c]
+            with rt.autocast():
+                _, logp, mean, step_std = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond[c], neg, cfg.cfg_scale,
+                                                            cfg.noise_level, sigmas[1], prev_sample=x_next)
+                with torch.no_grad(), lora_disabled(model.transformer):
+                    _, _, ref_mean, _ = model.sde_transition(x, sigmas[j], sigmas[j + 1], cond[c], neg, cfg.cfg_scale,
+                                                             cfg.noise_level, sigmas[1], prev_sample=x_next)
+            kl = M.step_kl(mean, ref_mean, step_std)
+            old = traj["log_probs"][c, j]
+            if check_on_policy and j == chosen[0]:
+                error = (torch.exp(logp.detach() - old) - 1).abs().max().item()
+                totals["max_ratio_error"] = max(totals["max_ratio_error"], error)
+            loss, stats = M.grpo_loss(logp[:, None], old[:, None], None, advantages[c], ones[c], cfg.clip_eps, None, cfg.beta,
+                                      kl=kl[:, None], return_stats=True)
+            if not all_finite(loss):
+                return {**totals, "finite": False}
+            (loss * share / len(chosen)).backward()
+            totals["loss"] += loss.item() * share / len(chosen)
+            totals["kl"] += stats["kl"].item() * share / len(chosen)
+            totals["clip_fraction"] += stats["clip_fraction"].item() * share / len(chosen)
     all_reduce_grads(params)
     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()

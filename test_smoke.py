@@ -1887,6 +1887,36 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
         grpo_decoder.main(args + [f"--out_dir={tmp_path / 'bad'}", "--advantage_std=global"])
 
 
+def test_grpo_decoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
+    """The update in chunks of trajectories (micro_batch) sums to the gradient of the whole batch's update."""
+    import grpo_decoder
+    from common import setup_runtime
+    from configurator import configure
+    from reward import ReconstructionReward, load_backbone
+    cfg = configure(grpo_decoder.config, ["--group_size=3", "--max_new_tokens=8", "--train_steps=4", "--timestep_fraction=1.0"])
+    rt = setup_runtime("cpu", "float32", 0)
+    model = M.UAE.load(str(tiny_world / "dec"))
+    model.requires_grad_(False)
+    params = model.add_lora("transformer", 4, 8, M.DIT_LORA_TARGETS)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.1)  # B = 0 at init would leave A without gradient
+    reward_fn = ReconstructionReward(load_backbone(f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}", rt.device))
+    images = load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2])
+    out = grpo_decoder.rollout(model, rt, reward_fn, images, [0, 1], cfg)
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, -1.2, 0.9])
+    opt = torch.optim.SGD(params, lr=0.0)  # the update leaves the gradients in .grad and the weights as they were
+    grads = []
+    for chunks in ([slice(0, 6)], [slice(0, 4), slice(4, 6)]):
+        torch.manual_seed(0)  # the same timesteps chosen
+        stats = grpo_decoder.policy_step(model, rt, opt, params, out | {"chunks": chunks}, advantages, cfg, check_on_policy=True)
+        assert stats["finite"] and stats["max_ratio_error"] < 1e-5
+        grads.append([p.grad.clone() for p in params])
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for whole, split in zip(*grads):
+        torch.testing.assert_close(split, whole, atol=1e-6, rtol=1e-4)
+
+
 def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
     """model.step_kl, grpo_decoder's KL term: KL(N(mu, s^2) || N(mu_ref, s^2)) per dimension =
     (mu - mu_ref)^2 / (2 s^2). Checked on a hand-computed case, then on the step Gaussians of a
