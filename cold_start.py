@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 import model as M
 from common import (
-    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, NonFiniteGuard, own_rank,
-    save_checkpoint, set_rng_state, start_run)
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, clip_grad_norm, end_run, full_tensor,
+    load_full_state, load_optimizer_state, NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, shard, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
@@ -57,6 +57,7 @@ config = dict(
     ce_weight=1.0,  # weight of the caption cross-entropy that keeps captioning intact
     anchor_weight=3.0,  # weight of the drift penalty on the true long captions' conditioning (model.condition_drift; val: RESULTS.md)
     grad_clip=1.0,  # max gradient norm
+    fsdp=False,  # shard the decoder (text positions, projector, DiT) with FSDP2 over the ranks (torchrun): paper scale
     log_interval=10,  # steps between log lines
     save_interval=60,  # steps between checkpoints
     max_bad_steps=3,  # consecutive NaN/Inf steps before the run stops
@@ -86,16 +87,21 @@ def main(argv=None):
     decoder_params = [p for m in decoder for p in m.parameters()]
     for p in decoder_params:
         p.requires_grad_(True)
+    broadcast_from_master(lora + decoder_params)  # one model on every rank (per-rank seeds drew the random inits)
+    if cfg.fsdp:
+        if not torch.distributed.is_initialized():
+            raise ValueError("fsdp=True shards over the ranks of a torchrun launch: run under torchrun")
+        shard(decoder, rt.dtype)
+        decoder_params = [p for m in decoder for p in m.parameters()]
     params = lora + decoder_params
-    broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr_lora}, {"params": decoder_params, "lr": cfg.lr_decoder}],
                             betas=(0.9, 0.99), weight_decay=0.0)
     step = 0
     if state is not None:
         load_lora(model.llm, os.path.join(cfg.out_dir, "lora_llm"))
         for m, sd in zip(decoder, state["decoder"]):
-            m.load_state_dict(sd)
-        opt.load_state_dict(state["optimizer"])
+            load_full_state(m, sd)
+        load_optimizer_state(opt, [model.llm] + decoder if cfg.fsdp else [], state["optimizer"])
         step = state["step"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     backbone = load_backbone(cfg.reward_backbone, rt.device)
@@ -132,8 +138,8 @@ def main(argv=None):
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        all_reduce_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        all_reduce_grads(lora if cfg.fsdp else params)  # FSDP reduced the decoder's gradients in the backward
+        clip_grad_norm(params, cfg.grad_clip)
         opt.step()
         step += 1
         bar.update(1)
@@ -143,7 +149,8 @@ def main(argv=None):
                      f"ce {all_reduce_mean(ce.detach()).item():.4f} drift {all_reduce_mean(drift.detach()).item():.5f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg),
-                              {"decoder": [m.state_dict() for m in decoder]}, rank_state=reward_fn.cache_state())
+                            {"decoder": [{k: full_tensor(v) for k, v in m.state_dict().items()} for m in decoder]},
+                            rank_state=reward_fn.cache_state(), sharded=[model.llm] + decoder if cfg.fsdp else ())
     bar.close()
     end_run(rt, step, t0)
 

@@ -286,6 +286,27 @@ def reshard(modules: list[nn.Module]):
                 sub.reshard()
 
 
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over parameters of which some may be sharded (DTensors) and some not (LoRA beside an
+    FSDP decoder): each kind's norm whole, then one clip of all by the combined norm."""
+    groups = [[p for p in params if p.grad is not None and hasattr(p, "device_mesh") == sharded] for sharded in (True, False)]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in g]) for g in groups if g]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms])) if norms else torch.tensor(0.0)
+    for g in groups:
+        if g:
+            torch.nn.utils.clip_grads_with_norm_(g, max_norm, total)
+    return total
+
+
+def load_full_state(module: nn.Module, state: dict):
+    """load_state_dict of whole tensors (a checkpoint's) into a module, sharded (this rank's shards) or not."""
+    if not is_sharded(module):
+        return module.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, StateDictOptions
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)

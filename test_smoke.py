@@ -1065,27 +1065,37 @@ def test_two_process_gloo_run(tiny_world, tmp_path):
     assert common.load_training_state(str(out))["step"] == 4
 
 
-def test_fsdp_run_killed_and_resumed_is_bit_identical_and_loads_in_one_process(tiny_world, tmp_path):
-    """pretrain_decoder sharded with FSDP2 over 2 gloo ranks, with activation checkpointing and 2 micro-batches
-    per rank: killed in step 3 (after its step-2 checkpoint) and rerun, it ends where an unbroken run ends;
-    the checkpoint, gathered whole, loads in one process and samples."""
-    (tmp_path / "kill").mkdir()  # a rank's 3rd optimizer step raises: the kill, at the same point on both ranks
-    (tmp_path / "kill" / "sitecustomize.py").write_text(
-        "import os, torch\n"
-        "if os.environ.get('KILL_AT_STEP'):\n"
-        "    real, calls = torch.optim.AdamW.step, [0]\n"
-        "    def step(self, *a, **k):\n"
-        "        calls[0] += 1\n"
-        "        if calls[0] == int(os.environ['KILL_AT_STEP']):\n"
-        "            raise SystemExit('killed')\n"
-        "        return real(self, *a, **k)\n"
-        "    torch.optim.AdamW.step = step\n")
+KILL_SITE = (  # on PYTHONPATH, it makes a run's n-th optimizer step raise on every rank: a kill at a known point
+    "import os, torch\n"
+    "if os.environ.get('KILL_AT_STEP'):\n"
+    "    real, calls = torch.optim.AdamW.step, [0]\n"
+    "    def step(self, *a, **k):\n"
+    "        calls[0] += 1\n"
+    "        if calls[0] == int(os.environ['KILL_AT_STEP']):\n"
+    "            raise SystemExit('killed')\n"
+    "        return real(self, *a, **k)\n"
+    "    torch.optim.AdamW.step = step\n")
+
+
+@pytest.mark.parametrize("script", ["pretrain_decoder", "cold_start"])
+def test_fsdp_run_killed_and_resumed_is_bit_identical_and_loads_in_one_process(script, tiny_world, tmp_path):
+    """The decoder sharded with FSDP2 over 2 gloo ranks (pretrain_decoder also with activation checkpointing
+    and 2 micro-batches per rank; cold_start beside an unsharded LoRA): killed in step 3 (after its step-2
+    checkpoint) and rerun, a run ends where an unbroken run ends; the checkpoint, gathered whole, loads in
+    one process and samples."""
+    (tmp_path / "kill").mkdir()
+    (tmp_path / "kill" / "sitecustomize.py").write_text(KILL_SITE)
+    args = {"pretrain_decoder": [f"--init_from={tiny_world / 'enc'}", f"--vae_dir={tiny_world / 'vae'}", "--eval_interval=100",
+                                 "--grad_checkpointing=True", "--micro_batch=2"] +
+                                [a.replace("--threads=2", "--threads=1") for a in TINY_DECODER],
+            "cold_start": [f"--init_from={tiny_world / 'dec'}", "--batch_size=4", "--sample_steps=2", "--max_new_tokens=8",
+                           "--lora_r=4", "--lora_alpha=8", "--threads=1",
+                           f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]}[script]
+
     def launch(out, kill=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "pretrain_decoder.py"), f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'enc'}",
-               f"--out_dir={out}", "--max_steps=4", "--log_interval=1", "--eval_interval=100", "--save_interval=2",
-               f"--vae_dir={tiny_world / 'vae'}", "--fsdp=True", "--grad_checkpointing=True", "--micro_batch=2"] + \
-            [a.replace("--threads=2", "--threads=1") for a in TINY_DECODER]
+               os.path.join(REPO, f"{script}.py"), f"--data_dir={tiny_world}", f"--out_dir={out}", "--max_steps=4",
+               "--log_interval=1", "--save_interval=2", "--fsdp=True"] + args
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "kill"), os.environ.get("PYTHONPATH", "")]),
                    **({"KILL_AT_STEP": str(kill)} if kill else {}))
         return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
@@ -1097,9 +1107,10 @@ def test_fsdp_run_killed_and_resumed_is_bit_identical_and_loads_in_one_process(t
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-3000:]
     a, b = (common.load_training_state(str(tmp_path / d)) for d in ("whole", "cut"))
     assert a["step"] == b["step"] == 4
-    for key in ("raw", "ema"):  # fp32 masters and EMA, gathered whole
-        assert len(a[key]) == len(b[key]) > 0 and all(torch.equal(x, y) for x, y in zip(a[key], b[key]))
-    assert all(x.dtype == torch.float32 for x in a["ema"])
+    for key in {"pretrain_decoder": ("raw", "ema"), "cold_start": ("decoder",)}[script]:  # gathered whole, fp32
+        flat = lambda v: [t for x in v for t in (x.values() if isinstance(x, dict) else [x])]
+        assert len(flat(a[key])) == len(flat(b[key])) > 0 and all(torch.equal(x, y) for x, y in zip(flat(a[key]), flat(b[key])))
+        assert all(x.dtype == torch.float32 for x in flat(a[key]))
     one = M.UAE.load(str(tmp_path / "whole"))
     assert [k for k, v in one.state_dict().items() if not torch.equal(v, M.UAE.load(str(tmp_path / "cut")).state_dict()[k])] == []
     with torch.no_grad():
