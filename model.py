@@ -187,10 +187,9 @@ class UAE(nn.Module):
                 raise FileNotFoundError(f"no such checkpoint directory: {path}")
         llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_dir, dtype=dtype)
         processor = AutoProcessor.from_pretrained(qwen_dir)
-        # cast explicitly: without accelerate diffusers may keep fp32 weights despite dtype= (DESIGN §10)
-        transformer = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer", dtype=dtype,
-                                                            low_cpu_mem_usage=False)
-        vae = AutoencoderKL.from_pretrained(sd3_dir, subfolder="vae", dtype=dtype, low_cpu_mem_usage=False)
+        # accelerate (requirements.txt) loads straight into the weights, never a random 8B init first
+        transformer = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer", dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(sd3_dir, subfolder="vae", dtype=dtype)
         transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_dir, subfolder="scheduler")
         # encode_prompt sizes the (absent) T5 states from the transformer's config: hand it the loaded one
@@ -254,8 +253,8 @@ class UAE(nn.Module):
                 raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
         llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
         processor = AutoProcessor.from_pretrained(paths["processor"])
-        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=dtype, low_cpu_mem_usage=False)
-        vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype, low_cpu_mem_usage=False)
+        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
         weights = load_file(os.path.join(directory, "projector.safetensors"))
         # latent stats absent (a checkpoint written before they existed): the VAE config's scalar pair
