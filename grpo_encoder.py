@@ -55,6 +55,7 @@ config = dict(
     images_per_step=8,  # B source images per step (global; each group lives on one rank)
     group_size=8,  # G captions per image
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
+    micro_batch=0,  # captions per teacher-forced forward/backward in the update (0 = the rank's all; paper: memory)
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     decode_steps=10,  # Euler steps of the frozen decoder
     cfg_scale=1.0,  # guidance of the frozen decoder's reward renders (val: 1.0 scored +2.8 Unified-Score over 1.25 at 25% less time per step; RESULTS.md)
@@ -111,36 +112,50 @@ def condition_drift(model, rt, texts, reference) -> torch.Tensor:
 
 
 def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
-    """mu clipped-surrogate updates on one rollout (+ the anchor on the decoder's conditioning);
-    returns loss stats (fp32)."""
+    """mu clipped-surrogate updates on one rollout (+ the anchor on the decoder's conditioning), each over
+    micro-batches of captions whose losses add up to the whole batch's; returns loss stats (fp32)."""
     captions = out["captions"]
-    old = None
+    mask = captions.mask.float()
+    size = cfg.micro_batch or len(mask)
+    chunks = [captions.rows(slice(i, i + size)) for i in range(0, len(mask), size)]
+    old = ref = [None] * len(chunks)
     if cfg.mu > 1:  # stored old log-probs, teacher-forced before any update
         with torch.no_grad(), rt.autocast():
-            old = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
-    ref = None
+            old = [model.caption_logprobs(c.prompt, c.ids, cfg.temperature) for c in chunks]
     if cfg.beta != 0:
         with torch.no_grad(), lora_disabled(model.llm), rt.autocast():
-            ref = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
-    mask = captions.mask.float()
+            ref = [model.caption_logprobs(c.prompt, c.ids, cfg.temperature) for c in chunks]
     tokens_per_rank = all_reduce_mean(mask.sum())  # "token" aggregation over every rank's captions (grpo_loss)
     for _ in range(cfg.mu):
-        with rt.autocast():
-            logp = model.caption_logprobs(captions.prompt, captions.ids, cfg.temperature)
-        logp = torch.where(mask.bool(), logp, 0.0)
-        loss, stats = M.grpo_loss(logp, logp.detach() if old is None else old, None if ref is None else torch.where(mask.bool(), ref, 0.0),
-                                  advantages, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.aggregation,
-                                  return_stats=True, tokens_per_rank=tokens_per_rank)
-        stats["drift"] = condition_drift(model, rt, out["anchor_texts"], out["reference_condition"])
-        loss = loss + cfg.anchor_weight * stats["drift"]
-        if not all_finite(loss):
-            return {"loss": loss.detach(), **stats, "finite": False}
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
+        drift = condition_drift(model, rt, out["anchor_texts"], out["reference_condition"])
+        start = 0
+        for k, (c, c_old, c_ref) in enumerate(zip(chunks, old, ref)):
+            rows, m = slice(start, start + len(c.ids)), c.mask.float()
+            start += len(c.ids)
+            with rt.autocast():
+                logp = model.caption_logprobs(c.prompt, c.ids, cfg.temperature)
+            logp = torch.where(m.bool(), logp, 0.0)
+            loss, stats = M.grpo_loss(logp, logp.detach() if c_old is None else c_old,
+                                      None if c_ref is None else torch.where(m.bool(), c_ref, 0.0), advantages[rows], m,
+                                      cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.aggregation,
+                                      return_stats=True, tokens_per_rank=tokens_per_rank)
+            if cfg.aggregation == "sequence":  # a chunk's mean over its rows, weighted to the batch's mean
+                loss = loss * (len(c.ids) / len(mask))
+            if k == len(chunks) - 1:  # the anchor once per update, with the last chunk
+                loss = loss + cfg.anchor_weight * drift
+            if not all_finite(loss):
+                return {**totals, "drift": drift.detach(), "finite": False}
+            loss.backward()
+            share = m.sum() / mask.sum().clamp(min=1)  # the stats are token means over the whole batch
+            totals["loss"] = totals["loss"] + loss.detach()
+            totals["kl"] = totals["kl"] + stats["kl"] * share
+            totals["clip_fraction"] = totals["clip_fraction"] + stats["clip_fraction"] * share
         all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-    return {"loss": loss.detach(), **stats, "finite": True}
+    return {**totals, "drift": drift.detach(), "finite": True}
 
 
 def main(argv=None):

@@ -37,6 +37,16 @@ class Captions:
     mask: torch.Tensor  # (N, L) 1 up to and including the first eos
     texts: list[str]
 
+    def rows(self, part: slice) -> "Captions":
+        """Rows `part` (a micro-batch) with their prompt rows. pixel_values holds every row's image patches one
+        after another (image_grid_thw: t * h * w patches per row's image), so it is cut at their offsets."""
+        prompt = {k: v[part] for k, v in self.prompt.items() if k != "pixel_values"}
+        if "pixel_values" in self.prompt:
+            ends = self.prompt["image_grid_thw"].prod(-1).cumsum(0)
+            first, last = range(len(ends))[part][0], range(len(ends))[part][-1]
+            prompt["pixel_values"] = self.prompt["pixel_values"][(ends[first - 1] if first else 0):ends[last]]
+        return Captions(prompt, self.ids[part], self.mask[part], self.texts[part])
+
 
 def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample=None, generator=None):
     """One Flow-GRPO SDE step (Liu et al. 2025, eq. 9), the reverse-time SDE with the same marginals as

@@ -1581,6 +1581,41 @@ def test_bench_reports_time_memory_and_mfu(tiny_world, capsys):
     assert 100 < row["peak_memory_mb"] < 24 * 1024  # a whole process: torch alone takes a few hundred MB
 
 
+def test_grpo_encoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
+    """Captions.rows cuts a rollout's prompt (pixel patches at their offsets) so that micro-batches of
+    captions score as they do in the whole batch, and their losses add up to the whole batch's gradient."""
+    import grpo_encoder
+    from common import setup_runtime
+    from configurator import configure
+    from reward import ReconstructionReward, load_backbone
+    rt = setup_runtime("cpu", "float32", 0)
+    model = M.UAE.load(str(tiny_world / "dec"))
+    model.requires_grad_(False)
+    params = model.add_lora("llm", 4, 8, M.LLM_LORA_TARGETS)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    reward_fn = ReconstructionReward(load_backbone(f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}", rt.device))
+    cfg = configure(grpo_encoder.config, ["--group_size=3", "--max_new_tokens=8", "--decode_steps=2", "--compile=False"])
+    out = grpo_encoder.rollout(model, rt, reward_fn, load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2]), [0, 1], cfg)
+    captions = out["captions"]
+    with torch.no_grad():
+        whole = model.caption_logprobs(captions.prompt, captions.ids)
+        part = captions.rows(slice(2, 5))
+        torch.testing.assert_close(model.caption_logprobs(part.prompt, part.ids), whole[2:5], atol=1e-5, rtol=1e-4)
+    advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, -1.2, 0.9])
+    grads = []
+    for micro in (0, 4):  # chunks of 4 and 2 captions
+        opt = torch.optim.SGD(params, lr=0.0)
+        stats = grpo_encoder.policy_step(model, rt, opt, params, out, advantages, configure(grpo_encoder.config, [
+            "--group_size=3", f"--micro_batch={micro}"]))
+        assert stats["finite"]
+        grads.append([p.grad.clone() for p in params])
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for whole_grad, split in zip(*grads):
+        torch.testing.assert_close(split, whole_grad, atol=1e-6, rtol=1e-4)
+
+
 def test_grpo_encoder_two_process_gloo_resumes_exactly(tiny_world, tmp_path):
     from safetensors.torch import load_file
 
