@@ -62,6 +62,13 @@ class Runtime:
         return total // self.world_size
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# config keys a resumed run may change: when it stops, what it prints, where things are, how fast it runs
+RESUMABLE_CHANGES = {"max_steps", "resume", "out_dir", "data_dir", "init_from", "log_interval", "eval_interval",
+                     "save_interval", "max_bad_steps", "threads", "device", "eval_n", "probe_n", "vae_dir", "tokenizer_dir",
+                     "qwen_dir", "sd3_dir", "reward_backbone", "compile"}
+
+
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, training: bool = False) -> Runtime:
     """Detect torchrun (RANK / LOCAL_RANK / WORLD_SIZE), pick the device, seed with base + rank. Training
     never runs in float16: its gradients underflow without loss scaling, which these scripts do not do."""
@@ -69,6 +76,10 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, trai
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # no index: this process's GPU
+        device = f"cuda:{local_rank}"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -87,6 +98,12 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, trai
 def start_run(cfg) -> tuple[Runtime, dict | None]:
     """What every training script does first: CPU threads, the runtime, and the state to resume from
     (None for a fresh run). A run whose saved step reached cfg.max_steps is complete: (rt, "complete")."""
+    if not cfg.out_dir.strip():
+        raise ValueError("out_dir is empty: give the directory the checkpoints go to")
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise ValueError(f"out_dir={cfg.out_dir!r} is a file, not a directory: give another out_dir")
+    if cfg.max_steps < 1:
+        raise ValueError(f"max_steps={cfg.max_steps}: must be at least 1")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
@@ -98,6 +115,13 @@ def start_run(cfg) -> tuple[Runtime, dict | None]:
     if dist.is_initialized():
         dist.barrier()  # every rank reads the recovered directory
     state = load_training_state(cfg.out_dir) if cfg.resume else None
+    changed = sorted(k for k, v in (state or {}).get("config", {}).items()
+                     if k not in RESUMABLE_CHANGES and k in vars(cfg) and getattr(cfg, k) != v)
+    if changed:
+        saved = state["config"]
+        raise ValueError(f"{cfg.out_dir} holds a run with another config: " + ", ".join(
+            f"{k} {saved[k]!r} there, {getattr(cfg, k)!r} now" for k in changed) +
+            ". Resume with its settings, or start afresh with --resume=False or another out_dir")
     if state is not None and state["step"] >= cfg.max_steps:
         rt.print(f"{cfg.out_dir} is complete (step {state['step']}); nothing to do")
         return rt, "complete"
@@ -394,4 +418,8 @@ def load_training_state(directory: str) -> dict | None:
     path = os.path.join(directory, "training_state.pt")
     if not os.path.exists(path):
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a checkpoint: say which file, and what to do
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}): the checkpoint is damaged; "
+                         f"start afresh with --resume=False or another out_dir") from None

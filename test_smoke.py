@@ -1021,6 +1021,15 @@ def test_start_run_recovers_interrupted_save_and_refuses_float16(tmp_path):
         common.start_run(SimpleNamespace(**{**vars(cfg), "dtype": "float16"}))
     with pytest.raises(ValueError, match="batch_size=5 must divide over 2 ranks"):
         common.Runtime(0, 0, 2, torch.device("cpu"), torch.float32).per_rank(5, "batch_size")
+    # bad settings are named before any work: an empty or file out_dir, max_steps < 1, an unknown dtype
+    (tmp_path / "a_file").write_text("x")
+    for change, message in [({"out_dir": ""}, "out_dir is empty"), ({"out_dir": str(tmp_path / "a_file")}, "is a file"),
+                            ({"max_steps": -5}, "max_steps=-5: must be at least 1"), ({"dtype": "foo"}, "dtype='foo': must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            common.start_run(SimpleNamespace(**{**vars(cfg), **change}))
+    (tmp_path / "run" / "training_state.pt").write_bytes(b"truncated")  # a damaged checkpoint is named, with the remedy
+    with pytest.raises(ValueError, match=r"run/training_state.pt cannot be read .*--resume=False"):
+        common.start_run(cfg)
 
 
 def test_ema_is_fp32_whatever_the_weights_dtype():
@@ -1925,10 +1934,14 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
     assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0, rows
     adapters = load_file(str(out / "lora_transformer" / "adapter_model.safetensors"))
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapters.items()), list(adapters)
-    grpo_decoder.main(args + ["--max_steps=3", "--shared_noise=True", "--advantage_std=batch"])
+    grpo_decoder.main(args + ["--max_steps=3"])
     text = capsys.readouterr().out
     assert "at step 2" in text and "step 3 reward" in text
     assert [json.loads(l)["step"] for l in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"another config: shared_noise False there, True now\. .*--resume=False"):
+        grpo_decoder.main(args + ["--max_steps=4", "--shared_noise=True"])  # the saved run's settings are binding
+    grpo_decoder.main(args + [f"--out_dir={tmp_path / 'shared'}", "--max_steps=1", "--shared_noise=True", "--advantage_std=batch"])
+    assert "step 1 reward" in capsys.readouterr().out
     with pytest.raises(ValueError, match="advantage_std"):
         grpo_decoder.main(args + [f"--out_dir={tmp_path / 'bad'}", "--advantage_std=global"])
 
