@@ -70,13 +70,14 @@ def read_jsonl(path: str, need_caption: bool = True) -> list[dict]:
     return records
 
 
-def load_image(record: dict, size: int | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: any mode (transparency composited over white, grey and palette expanded);
-    with `size`, the shorter side resized to it (bicubic) and the centre cropped square."""
+def load_image(record: dict, size: int | None = None, over_white: bool = True) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: any mode (transparency composited over white, grey and palette expanded;
+    over_white=False drops the alpha as PIL's convert("RGB") does, the released scorer's reading); with
+    `size`, the shorter side resized to it (bicubic) and the centre cropped square."""
     try:
         with Image.open(record["image_path"]) as im:
             im.load()
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            if over_white and (im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info)):
                 rgba = im.convert("RGBA")
                 im = Image.new("RGBA", rgba.size, "white")
                 im.alpha_composite(rgba)

@@ -138,7 +138,7 @@ def match_folders(generated: str, references: str) -> tuple[list[str], list, lis
     if missing:
         print(f"{len(missing)} of {len(names)} images of {references} have no reconstruction in {generated} "
               f"(they score null), e.g. {missing[0]}")
-    load = lambda folder, f, flag: load_image({"image_path": os.path.join(folder, f), "where": flag})
+    load = lambda folder, f, flag: load_image({"image_path": os.path.join(folder, f), "where": flag}, over_white=False)
     return (names, [load(references, n, "--references") for n in names],
             [load(generated, match[n], "--generated") if match[n] else None for n in names])
 
@@ -184,7 +184,7 @@ def evaluate(cfg) -> dict:
         for r, name, file in zip(records, names, files):
             if first.setdefault(file, r["where"]) != r["where"]:
                 raise DataError(f"{r['where']}: image file name {name} gives reconstruction {file}, as {first[file]} does")
-        sources = [load_image(r) for r in records]  # a list: real benches mix image sizes
+        sources = [load_image(r, over_white=False) for r in records]  # as the released scorer reads them; sizes mixed
         model = M.UAE.load(cfg.ckpt, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device).eval()
         if cfg.compile:
             model.compile_decoder()
