@@ -12,11 +12,11 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
 makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Headline (second full run, 2,000 test scenes, from the true complete captions): GenEval-shapes 0.497 ->
-0.574 (McNemar 102 scenes lost / 255 gained, p 3e-16), >=3 objects 0.382 -> 0.466, extra objects per image
-0.55 -> 0.45, full-loop Unified-Score +1.30 (95% +1.0 .. +1.6). Most of it undoes what encoder RL's LoRA
-did to the shared LLM's encoding of captions: against the pretrained decoder before any RL (0.565) it is
-+0.9 points (p 0.41). Every measurement, with its command, is in RESULTS.md.
+Headline (third run, today's defaults, 2,000 test scenes, from the true complete captions): GenEval-shapes
+0.818 -> 0.880 (McNemar p 4e-17), >=3 objects 0.776 -> 0.849, extra objects per image 0.17 -> 0.11,
+full-loop Unified-Score +0.60 (95% +0.45 .. +0.76). It undoes what encoder RL's LoRA did to the shared
+LLM's encoding of captions: against the pretrained decoder before any RL (0.885) it is 0.880 (p 0.48).
+Every measurement, with its command, is in RESULTS.md.
 
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
 """

@@ -12,9 +12,9 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
     torchrun --nproc_per_node=8 grpo_encoder.py --init_from=out/paper_cold_start --data_dir=/data/longcap \
         --reward_backbone=open_clip:ViT-L-14-quickgelu:/ckpt/ViT-L-14.pt   # paper scale (README)
 
-Headline (second full run, 2,000 test scenes): small-object recall 0.003 -> 0.625, precision 0.967,
-Unified-Score (three judges independent of the reward) 16.5 -> 48.4 against a ceiling of 90.0. Every
-measurement, with its command, is in RESULTS.md.
+Headline (third run, today's defaults, 2,000 test scenes): small-object recall 0.003 -> 0.635, precision
+0.967, Unified-Score (three judges independent of the reward) 18.7 -> 53.3 against a ceiling of 93.6.
+Every measurement, with its command, is in RESULTS.md.
 
 Writes out_dir/: the checkpoint (LoRA also in the peft layout), log.jsonl (one line per step) and
 reward_curve.png.
