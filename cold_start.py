@@ -89,8 +89,6 @@ def main(argv=None):
         p.requires_grad_(True)
     broadcast_from_master(lora + decoder_params)  # one model on every rank (per-rank seeds drew the random inits)
     if cfg.fsdp:
-        if not torch.distributed.is_initialized():
-            raise ValueError("fsdp=True shards over the ranks of a torchrun launch: run under torchrun")
         shard(decoder, rt.dtype)
         decoder_params = [p for m in decoder for p in m.parameters()]
     params = lora + decoder_params
@@ -138,7 +136,7 @@ def main(argv=None):
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        all_reduce_grads(lora if cfg.fsdp else params)  # FSDP reduced the decoder's gradients in the backward
+        all_reduce_grads(params)
         clip_grad_norm(params, cfg.grad_clip)
         opt.step()
         step += 1

@@ -244,10 +244,11 @@ def broadcast_from_master(params: list[nn.Parameter]):
 
 
 def all_reduce_grads(params):
-    """Data parallelism made explicit: average gradients over ranks after backward (gloo or nccl)."""
+    """Data parallelism made explicit: average gradients over ranks after backward (gloo or nccl). Sharded
+    parameters (FSDP, common.shard) are skipped: their backward already reduced them."""
     if dist.is_initialized():
         for p in params:
-            if p.grad is not None:
+            if p.grad is not None and not hasattr(p, "device_mesh"):
                 dist.all_reduce(p.grad)
                 p.grad /= dist.get_world_size()
 
@@ -289,8 +290,10 @@ def shard(modules: list[nn.Module], compute_dtype: torch.dtype):
     """FSDP2 (torch.distributed.fsdp.fully_shard) over every rank: each module's repeated blocks (a DiT's
     transformer_blocks), then the module. Parameters stay fp32 masters, and they, their gradients and the
     AdamW state are split over the ranks; each block is gathered in compute_dtype for its forward and
-    backward only, gradients are reduced in fp32. Replaces all_reduce_grads for these modules."""
+    backward only, gradients are reduced in fp32 (all_reduce_grads leaves them alone)."""
     from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+    if not dist.is_initialized():
+        raise ValueError("fsdp=True shards over the ranks of a torchrun launch: run under torchrun")
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for m in modules:
         m.float()

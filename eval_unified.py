@@ -24,14 +24,12 @@ statistics_by_model (total_images = sources, valid_pairs = those matched) and su
 unified_score, unified_score_per_image (100 x the image's mean over judges), reward_cosine and
 reward_cosine_per_image, so that two checkpoints are compared image by image (paired_difference;
 mcnemar for pass/fail). On the shapes world (records carry "scene") it adds the oracle tables:
-understanding (recall, small-object recall, attribute accuracy, precision, caption length),
-generation (GenEval-shapes from the TRUE long captions: overall, per category, >=3-object subset, extra
-objects, text reliance, and the judges' Unified-Score of these images: the ceiling a caption could reach
-with this decoder), generation_partial (from partial captions: stated details drawn, extra objects beside
-the objects left out; decoder_comparison tests two of these image by image), unification (Unified-Score, reward cosine, scene-F1 of source vs
-reconstruction, mentioned-object recall: of the objects a caption names, the fraction its reconstruction
-shows; captions_cut: captions the length cap stopped before their end; turns_cut: captions whose text
-re-encoded longer than the decoder's window, cut to it).
+understanding (recall, small-object recall, attribute accuracy, precision, caption length), generation
+and generation_partial (the decoder alone, from the TRUE complete and partial captions: generation_tables;
+decoder_comparison tests two of them image by image), unification (Unified-Score, reward cosine,
+scene-F1 of source vs reconstruction, mentioned-object recall: of the objects a caption names, the fraction
+its reconstruction shows; captions_cut: captions the length cap stopped before their end; turns_cut:
+captions whose text re-encoded longer than the decoder's window, cut to it).
 """
 import json
 import math

@@ -97,7 +97,8 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
         # the SDE steps' noise, which is what the log-probs credit (DanceGRPO's use_same_noise)
         noise = (torch.randn(model.latent_shape(len(texts)), device=rt.device).repeat_interleave(cfg.group_size, 0)
                  if cfg.shared_noise else None)
-        chunks = [slice(i, i + (cfg.micro_batch or len(cond))) for i in range(0, len(cond), cfg.micro_batch or len(cond))]
+        size = cfg.micro_batch or len(cond)
+        chunks = [slice(i, i + size) for i in range(0, len(cond), size)]
         parts = [model.sample_sde(cond[c], cfg.train_steps, cfg.cfg_scale, None if negative is None else negative[c],
                                   cfg.noise_level, sde_steps=cfg.sde_steps, noise=None if noise is None else noise[c])
                  for c in chunks]

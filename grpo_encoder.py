@@ -117,7 +117,8 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
     captions = out["captions"]
     mask = captions.mask.float()
     size = cfg.micro_batch or len(mask)
-    chunks = [captions.rows(slice(i, i + size)) for i in range(0, len(mask), size)]
+    slices = [slice(i, i + size) for i in range(0, len(mask), size)]
+    chunks = [captions.rows(rows) for rows in slices]
     old = ref = [None] * len(chunks)
     if cfg.mu > 1:  # stored old log-probs, teacher-forced before any update
         with torch.no_grad(), rt.autocast():
@@ -130,10 +131,8 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
         opt.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
         drift = condition_drift(model, rt, out["anchor_texts"], out["reference_condition"])
-        start = 0
-        for k, (c, c_old, c_ref) in enumerate(zip(chunks, old, ref)):
-            rows, m = slice(start, start + len(c.ids)), c.mask.float()
-            start += len(c.ids)
+        for k, (rows, c, c_old, c_ref) in enumerate(zip(slices, chunks, old, ref)):
+            m = c.mask.float()
             with rt.autocast():
                 logp = model.caption_logprobs(c.prompt, c.ids, cfg.temperature)
             logp = torch.where(m.bool(), logp, 0.0)

@@ -574,9 +574,6 @@ def condition_drift(cond: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     return ((cond - reference) ** 2).mean() / reference.pow(2).mean()
 
 
-# ============================================================================ the GRPO loss (hand-written)
-
-
 @torch.no_grad()
 def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=50) -> dict:
     """x0 error when denoising from sigma with each image's own caption, divided by the error with
@@ -589,14 +586,18 @@ def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=5
     other = hidden.roll(1, 0)
     own_err, other_err = [], []
     for i in range(0, len(latents), batch_size):  # batched: at 1024 px all latents do not fit one forward
-        x, x0 = x_t[i:i + batch_size], latents[i:i + batch_size]
+        x, x0 = x_t[i:i + batch_size].repeat(2, 1, 1, 1), latents[i:i + batch_size].repeat(2, 1, 1, 1)
         with rt.autocast():  # own and other caption in one forward: the CFG batch shape (compile_decoder)
-            v = model.velocity(torch.cat([x, x]), torch.tensor(sigma, device=rt.device),
+            v = model.velocity(x, torch.tensor(sigma, device=rt.device),
                                model.project(torch.cat([hidden[i:i + batch_size], other[i:i + batch_size]])))
-        err = ((torch.cat([x, x]) - sigma * v.float() - torch.cat([x0, x0])) ** 2).flatten(1).sum(1).chunk(2)
-        own_err.append(err[0]), other_err.append(err[1])
+        err = ((x - sigma * v.float() - x0) ** 2).flatten(1).sum(1).chunk(2)
+        own_err.append(err[0])
+        other_err.append(err[1])
     own, oth = torch.cat(own_err), torch.cat(other_err)
     return {"text_reliance": (own.sum() / oth.sum()).item(), "per_image": (own / oth).tolist()}
+
+
+# ============================================================================ the GRPO loss (hand-written)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2, clip_eps_high: float | None = None,

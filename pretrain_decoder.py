@@ -252,8 +252,6 @@ def main(argv=None):
     if cfg.grad_checkpointing:
         model.transformer.enable_gradient_checkpointing()
     if cfg.fsdp:
-        if rt.world_size == 1 and not torch.distributed.is_initialized():
-            raise ValueError("fsdp=True shards over the ranks of a torchrun launch: run under torchrun")
         shard(trained, rt.dtype)
     params = [p for m in trained for p in m.parameters()]
     ema = new_ema(params)
@@ -323,15 +321,14 @@ def main(argv=None):
         for i in range(0, local_batch, micro):  # each chunk's loss weighted by its share: the batch's mean gradient
             part = slice(i, i + micro)
             with rt.autocast(training=True):
-                loss = loss_fn(model, x0[part], h[part], sigma[part], noise[part], cfg.loss_space)
+                loss = loss_fn(model, x0[part], h[part], sigma[part], noise[part], cfg.loss_space) * len(x0[part]) / local_batch
             with rt.attention_kernel(training=True):  # grad_checkpointing recomputes blocks in here
-                (loss * len(x0[part]) / local_batch).backward()
-            losses.append(loss.detach() * len(x0[part]) / local_batch)
+                loss.backward()
+            losses.append(loss.detach())
         loss = torch.stack(losses).sum()
         if not guard.passed(all_finite(loss), step + 1):
             continue
-        if not cfg.fsdp:  # FSDP reduced the gradients of its shards in the backward
-            all_reduce_grads(params)
+        all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         update_ema(params, ema, cfg.ema_decay)

@@ -1590,21 +1590,27 @@ def test_bench_reports_time_memory_and_mfu(tiny_world, capsys):
     assert 100 < row["peak_memory_mb"] < 24 * 1024  # a whole process: torch alone takes a few hundred MB
 
 
+def _policy_with_random_lora(world, part: str, targets: list[str], std: float):
+    """The tiny world's decoder checkpoint with LoRA on `part`, its A and B random (B = 0 at init would
+    leave A without gradient), and the world's reward: what a GRPO update test needs."""
+    from common import setup_runtime
+    from reward import ReconstructionReward, load_backbone
+    rt = setup_runtime("cpu", "float32", 0)
+    model = M.UAE.load(str(world / "dec"))
+    model.requires_grad_(False)
+    params = model.add_lora(part, 4, 8, targets)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=std)
+    return rt, model, params, ReconstructionReward(load_backbone(f"open_clip:ShapesCLIP:{world / 'shapes_clip.pt'}", rt.device))
+
+
 def test_grpo_encoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
     """Captions.rows cuts a rollout's prompt (pixel patches at their offsets) so that micro-batches of
     captions score as they do in the whole batch, and their losses add up to the whole batch's gradient."""
     import grpo_encoder
-    from common import setup_runtime
     from configurator import configure
-    from reward import ReconstructionReward, load_backbone
-    rt = setup_runtime("cpu", "float32", 0)
-    model = M.UAE.load(str(tiny_world / "dec"))
-    model.requires_grad_(False)
-    params = model.add_lora("llm", 4, 8, M.LLM_LORA_TARGETS)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(std=0.05)
-    reward_fn = ReconstructionReward(load_backbone(f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}", rt.device))
+    rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
     cfg = configure(grpo_encoder.config, ["--group_size=3", "--max_new_tokens=8", "--decode_steps=2", "--compile=False"])
     out = grpo_encoder.rollout(model, rt, reward_fn, load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2]), [0, 1], cfg)
     captions = out["captions"]
@@ -1949,18 +1955,9 @@ def test_grpo_decoder_on_policy_step_and_resume(tiny_world, capsys, tmp_path):
 def test_grpo_decoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
     """The update in chunks of trajectories (micro_batch) sums to the gradient of the whole batch's update."""
     import grpo_decoder
-    from common import setup_runtime
     from configurator import configure
-    from reward import ReconstructionReward, load_backbone
     cfg = configure(grpo_decoder.config, ["--group_size=3", "--max_new_tokens=8", "--train_steps=4", "--timestep_fraction=1.0"])
-    rt = setup_runtime("cpu", "float32", 0)
-    model = M.UAE.load(str(tiny_world / "dec"))
-    model.requires_grad_(False)
-    params = model.add_lora("transformer", 4, 8, M.DIT_LORA_TARGETS)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(std=0.1)  # B = 0 at init would leave A without gradient
-    reward_fn = ReconstructionReward(load_backbone(f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}", rt.device))
+    rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "transformer", M.DIT_LORA_TARGETS, 0.1)
     images = load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2])
     out = grpo_decoder.rollout(model, rt, reward_fn, images, [0, 1], cfg)
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, -1.2, 0.9])
