@@ -296,7 +296,7 @@ class OpenAIJudge(ChatJudge):
         self.headers = {"Content-Type": "application/json"}
         if env:
             if not os.environ.get(env):
-                raise ConfigError(f"judge spec {spec!r}: the environment variable {env} (its API key) is not set")
+                raise ConfigError(f"judge spec {spec!r}: the environment variable {env} is not set (it holds the API key)")
             self.headers["Authorization"] = f"Bearer {os.environ[env]}"
         try:
             params = json.loads(cfg.api_params)

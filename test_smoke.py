@@ -6,8 +6,10 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -1998,3 +2000,248 @@ def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
     kl = M.step_kl(mean, ref_mean, step_std)
     torch.testing.assert_close(kl, exact.flatten(1).mean(1))
     assert kl.shape == (2,) and (kl > 0).all()
+
+
+# ----------------------------------------------------------------------------- Unified-Bench Protocol 2 (eval_pairwise)
+
+def _pairwise_inputs(root, candidate, baseline, scenes=None, protocol1=None):
+    """Sources (with scenes when given), the two captions files as eval_unified writes them, and with
+    `protocol1` ((candidate, baseline) scores per image) a results.json beside each; the argv for main."""
+    names = [f"{i:03d}.png" for i in range(len(candidate))]
+    with open(root / "data.jsonl", "w") as f:
+        for i, name in enumerate(names):
+            f.write(json.dumps({"image": f"images/{name}"} | ({"scene": [o.to_json() for o in scenes[i]]} if scenes else {})) + "\n")
+    for side, texts in enumerate((candidate, baseline)):
+        folder = root / ("cand", "base")[side]
+        folder.mkdir()
+        (folder / "captions.jsonl").write_text("".join(json.dumps({"image": n, "caption": t}) + "\n" for n, t in zip(names, texts)))
+        if protocol1:
+            (folder / "results.json").write_text(json.dumps({"unified_score_per_image": {n: s[side] for n, s in zip(names, protocol1)}}))
+    return [f"--candidate={root / 'cand' / 'captions.jsonl'}", f"--baseline={root / 'base' / 'captions.jsonl'}",
+            f"--data={root / 'data.jsonl'}", f"--out_dir={root / 'out'}"]
+
+
+def test_pairwise_exact_judge_by_hand(tmp_path):
+    import eval_pairwise as P
+    O = shapes.Obj
+    scene = shapes.canonical([O("top left", "red", "circle", "large"), O("center", "blue", "square", "small")])
+    full, one = "a large red circle at the top left and a small blue square at the center.", "a red circle."
+    assert P.exact_score(full, scene) == {"correct": 6, "wrong": 0, "score": 6}  # 2 objects + 2 sizes + 2 positions
+    assert P.exact_score("a red circle and a green triangle.", scene) == {"correct": 1, "wrong": 1, "score": 0}
+    assert P.exact_score("a small red circle at the bottom.", scene) == {"correct": 1, "wrong": 2, "score": -1}
+    assert P.exact_score("some shapes.", scene) == {"correct": 0, "wrong": 0, "score": 0}
+    candidate = [full, "a red circle and a green triangle.", "a small red circle at the bottom.", "a red circle at the top left."]
+    baseline = [one, "some shapes.", "a blue square at the center.", "a large red circle."]
+    # win 6 > 1; tie 0 = 0; loss -1 < 2; tie 2 = 2. Protocol 1 agrees on the win, not on the loss; equal elsewhere
+    args = _pairwise_inputs(tmp_path, candidate, baseline, [scene] * 4, protocol1=[(80, 30), (50, 50), (75, 70), (60, 60)])
+    results = P.main(args)
+    j = results["judges"]["exact"]
+    assert (j["win"], j["tie"], j["loss"], j["unparseable"]) == (1, 2, 1, 0)
+    assert j["win_rate"] == 0.5 and j["decisive_win_rate"] == 0.5 and j["order_agreement"] == 1.0
+    assert j["win_rate_ci95"] == pytest.approx(P.wilson(2, 4)) and results["mean_win_rate"] == 0.5
+    assert j["protocol1_agreement"] == {"pairs": 2, "agree": 1, "rate": 0.5, "ci95": P.wilson(1, 2)}
+    assert results["protocol1"] == {"candidate_higher": 2, "baseline_higher": 0, "equal": 2}
+    per = results["per_image"]["exact"]
+    assert [(per[n]["ab"], per[n]["ba"], per[n]["result"]) for n in sorted(per)] == [
+        ("A", "B", "win"), ("TIE", "TIE", "tie"), ("B", "A", "loss"), ("TIE", "TIE", "tie")]  # the orders swap the letters
+    assert results["exact_scores"]["002.png"] == {"candidate": {"correct": 1, "wrong": 2, "score": -1},
+                                                 "baseline": {"correct": 2, "wrong": 0, "score": 2}}
+    assert "| `exact` | 1 | 2 | 1 | 0 (0, 0) | 0.500 |" in (tmp_path / "out" / "results.md").read_text()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["judges"]["exact"]["win"] == 1
+    assert P.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)  # the textbook value
+    for reply, verdict in [("A", "A"), (" **b**.", "B"), ("tie", "TIE"), ("<think>A or B?</think>\nB", "B"),
+                           ("Verdict: A", "A"), ("The answer is TIE.", "TIE"), ("A or B", None),
+                           ("Caption A is better", None), ("", None), (None, None)]:
+        assert P.parse_verdict(reply) == verdict, reply
+
+
+def test_pairwise_bad_specs_and_inputs_name_what_is_wrong(tmp_path, monkeypatch):
+    import eval_pairwise as P
+    scene = (shapes.Obj("top", "red", "circle", "large"),)
+    args = _pairwise_inputs(tmp_path, ["a red circle.", "x"], ["some shapes.", "y"], [scene] * 2)
+    monkeypatch.delenv("PAIRWISE_UNSET_KEY", raising=False)
+    for judges, error in [("exact,nope:x", "'nope:x'"), ("exact;exact", "twice"), (f"hf:{tmp_path / 'none'}", "no such directory"),
+                          ("openai:http://127.0.0.1:9/v1|m|PAIRWISE_UNSET_KEY", "PAIRWISE_UNSET_KEY is not set"),
+                          ("openai:ftp://host|m", "http"), (" ; ", "empty")]:
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            P.main(args + [f"--judges={judges}"])
+    with pytest.raises(ConfigError, match="api_params"):
+        P.main(args + ["--judges=openai:http://127.0.0.1:9/v1|m", "--api_params=[1]"])
+    captions = tmp_path / "cand" / "captions.jsonl"
+    good = captions.read_text()
+    captions.write_text(good.splitlines()[0] + "\n{not json\n")
+    with pytest.raises(DataError, match=re.escape(f"{captions}:2: invalid JSON")):
+        P.main(args)
+    captions.write_text(good.splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=r"1 missing \['001.png'\]"):
+        P.main(args)
+    captions.write_text(good)
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "images/000.png"}) + "\n" + json.dumps({"image": "images/001.png"}) + "\n")
+    with pytest.raises(DataError, match=r"data.jsonl:1 has no \"scene\""):
+        P.main(args)
+
+
+def _bigram_lm(path, following: dict):
+    """A tiny Llama that is a bigram table: attention and MLP write nothing, so the last hidden state is
+    the current token's embedding (one-hot), and lm_head maps it to the token `following` names (unnamed
+    tokens give id 0, the pad). Saved with the shapes world's tokenizer and its chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = shapes.build_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.copy_(torch.eye(len(tok), 64))
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        for current, nxt in following.items():
+            model.lm_head.weight[ids(nxt), ids(current)] = 1.0
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_pairwise_tiny_hf_judges_run_end_to_end(tmp_path):
+    """Two local transformers judges through main(): one always answers 'a' (the first caption: position
+    bias at its worst, so every pair ties and the orders never agree), one answers 'red' (unparseable,
+    asked again once, then counted)."""
+    import eval_pairwise as P
+    _bigram_lm(tmp_path / "says_a", {"assistant": "a", "a": "<|im_end|>"})  # the chat template ends '<|im_start|>assistant\n'
+    _bigram_lm(tmp_path / "says_red", {"assistant": "red", "red": "<|im_end|>"})
+    args = _pairwise_inputs(tmp_path, ["a red circle.", "a blue square at the top.", "some shapes."],
+                            ["some shapes.", "a blue square.", "a green triangle."])  # no scenes: any dataset
+    results = P.main(args + [f"--judges=hf:{tmp_path / 'says_a'}, hf:{tmp_path / 'says_red'}", "--batch_size=2",
+                             "--max_new_tokens=4"])
+    a, red = results["judges"][f"hf:{tmp_path / 'says_a'}"], results["judges"][f"hf:{tmp_path / 'says_red'}"]
+    assert (a["win"], a["tie"], a["loss"], a["unparseable"], a["calls"]) == (0, 3, 0, 0, 6)
+    assert a["order_agreement"] == 0.0 and a["win_rate"] == 0.5 and a["retried_verdicts"] == 0
+    assert (red["unparseable"], red["unparseable_verdicts"], red["retried_verdicts"], red["calls"]) == (3, {"ab": 3, "ba": 3}, 6, 12)
+    assert math.isnan(red["win_rate"]) and results["mean_win_rate"] == 0.5  # the unparseable judge has no rate
+    assert results["per_image"][f"hf:{tmp_path / 'says_red'}"]["000.png"]["replies"] == ["red", "red"]
+    assert "| 3 (3, 3) |" in (tmp_path / "out" / "results.md").read_text()
+
+
+class _ChatServer:
+    """A real chat-completions endpoint on a free local port, in a thread. Its judge prefers the
+    description with more words (TIE when equal). Words in a prompt change its behaviour: 'slow' = the
+    first request of a body sleeps past the client's timeout, 'fail' = the first one gets a 500,
+    'babble' = a reply that is no verdict until the reminder comes, 'garbage' = a body that is no chat
+    completion, always. With `budget`, requests beyond that many replies get 503s. Counts every request
+    received and every reply sent, by body."""
+
+    def __init__(self, key: str):
+        import collections
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        server = self
+        self.received, self.replied, self.budget = collections.Counter(), collections.Counter(), None
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, code, payload: bytes):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions" or self.headers.get("Authorization") != f"Bearer {key}":
+                    return self.send(401 if self.path == "/v1/chat/completions" else 404, b'{"error": "no"}')
+                chat = json.dumps(body["messages"])
+                server.received[chat] += 1
+                prompt, reminded = body["messages"][0]["content"], len(body["messages"]) > 1
+                if server.budget is not None and sum(server.replied.values()) >= server.budget:
+                    return self.send(503, b'{"error": "overloaded"}')
+                if "slow" in prompt and server.received[chat] == 1:
+                    time.sleep(1.5)
+                if "fail" in prompt and server.received[chat] == 1:
+                    return self.send(500, b'{"error": "internal"}')
+                server.replied[chat] += 1
+                if "garbage" in prompt:
+                    return self.send(200, b"<html>not a completion</html>")
+                a, b = (len(re.search(rf"Description {x}: (.*)", prompt).group(1).split()) for x in "AB")
+                content = "Both are lovely." if "babble" in prompt and not reminded else "A" if a > b else "B" if b > a else "TIE"
+                self.send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode())
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_pairwise_http_judge_verdicts_timeout_500_and_malformed_replies(tmp_path, monkeypatch):
+    import eval_pairwise as P
+    monkeypatch.setenv("PAIRWISE_TEST_KEY", "sk-test")
+    server = _ChatServer("sk-test")
+    try:
+        candidate = ["a red circle and a blue square.", "a red circle.", "a red circle.", "a slow red circle here.",
+                     "a fail red circle here.", "a babble red circle here.", "a garbage red circle."]
+        baseline = ["a red circle.", "a blue square.", "a red circle and a green square.", "a red circle.",
+                    "a red circle.", "a red circle.", "a red circle."]
+        args = _pairwise_inputs(tmp_path, candidate, baseline)
+        spec = f"openai:{server.url}|tiny-judge|PAIRWISE_TEST_KEY"
+        run = args + [f"--judges={spec}", "--http_timeout=0.5", "--http_retries=2", "--http_backoff=0.01"]
+        results = P.main(run)
+        j = results["judges"][spec]
+        # win: longer, slow, fail, babble (after the reminder); tie: equal; loss: shorter; garbage: unparseable
+        assert (j["win"], j["tie"], j["loss"], j["unparseable"]) == (4, 1, 1, 1)
+        assert j["unparseable_verdicts"] == {"ab": 1, "ba": 1} and j["retried_verdicts"] == 4 and j["order_agreement"] == 1.0
+        assert j["win_rate"] == pytest.approx(4.5 / 6)
+        # requests: 3 plain pairs x 2 orders; slow and fail twice per order; babble and garbage once, then reminded
+        assert j["calls"] == 22 and sum(server.received.values()) == 22
+        assert sorted(server.received.values()) == [1] * 14 + [2] * 4
+        per = results["per_image"][spec]["006.png"]
+        assert per["result"] == "unparseable" and per["replies"] == [None, None]
+        cache = tmp_path / "out" / "http_cache.jsonl"
+        assert len(cache.read_text().splitlines()) == 18  # every reply received once, the garbage ones as null
+        again = P.main(run)  # everything from the cache: nothing is sent
+        assert again["judges"][spec]["calls"] == 0 and sum(server.received.values()) == 22
+        assert {k: v for k, v in again["judges"][spec].items() if k != "calls"} == {k: v for k, v in j.items() if k != "calls"}
+        monkeypatch.setenv("PAIRWISE_TEST_KEY", "sk-wrong")
+        with pytest.raises(P.JudgeError, match="HTTP 401"):  # not retried: a wrong key stays wrong
+            P.main(run + [f"--out_dir={tmp_path / 'wrong_key'}"])
+        assert sum(server.received.values()) == 22
+    finally:
+        server.close()
+
+
+def test_pairwise_http_run_killed_midway_resumes_from_the_cache(tmp_path, monkeypatch):
+    import eval_pairwise as P
+    monkeypatch.setenv("PAIRWISE_TEST_KEY", "sk-test")
+    server = _ChatServer("sk-test")
+    try:
+        args = _pairwise_inputs(tmp_path, ["a red circle and a blue square.", "a red circle.", "a green square.", "a cyan circle."],
+                                ["a red circle.", "a blue square and a red triangle.", "a cyan square.", "some of the shapes."])
+        spec = f"openai:{server.url}|tiny-judge|PAIRWISE_TEST_KEY"
+        run = args + [f"--judges={spec}", "--http_timeout=2.0", "--http_retries=1", "--http_backoff=0.01"]
+        server.budget = 3  # the server stops answering after 3 replies: the run stops
+        with pytest.raises(P.JudgeError, match="failed 2 times, last: HTTP 503.*rerun the same command"):
+            P.main(run)
+        cache = tmp_path / "out" / "http_cache.jsonl"
+        assert len(cache.read_text().splitlines()) == 3
+        with open(cache, "a") as f:
+            f.write('{"key": "a line cut by a kill')  # a kill mid-write leaves a torn last line
+        server.budget = None
+        results = P.main(run)
+        j = results["judges"][spec]
+        assert (j["win"], j["tie"], j["loss"], j["unparseable"]) == (1, 1, 2, 0)
+        assert j["calls"] == 5  # the 8 verdicts minus the 3 paid for before the stop
+        assert len(server.replied) == 8 and set(server.replied.values()) == {1}  # no body was paid for twice
+        assert len(cache.read_text().splitlines()) == 8
+    finally:
+        server.close()
