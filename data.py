@@ -43,28 +43,34 @@ def read_records(path: str, need_caption: bool = True) -> list[dict]:
     return [{"image": n, "image_path": os.path.join(root, n), "where": os.path.join(path, n)} for n in names]
 
 
-def read_jsonl(path: str, need_caption: bool = True) -> list[dict]:
-    """Records of a JSONL file, each with its absolute image path in `image_path` and its file:line in
-    `where`. need_caption=False: lines without a caption are fine (a caption given must still be text)."""
+def jsonl_lines(path: str, kind: str = "dataset"):
+    """(file:line, parsed JSON) of each non-blank line of a JSONL file; a missing file (`kind` says what it
+    should be) and a line that is not JSON are errors naming them."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such dataset file")
-    root, records = os.path.dirname(os.path.abspath(path)), []
+        raise DataError(f"{path}: no such {kind} file")
     with open(path) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
-                record = json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                raise DataError(f"{where}: each line needs an \"image\" string")
-            if (need_caption or "caption" in record) and not (isinstance(record.get("caption"), str) and record["caption"].strip()):
-                raise DataError(f"{where}: missing or empty \"caption\"")
-            record["image_path"] = os.path.join(root, record["image"])
-            record["where"] = where
-            records.append(record)
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            yield f"{path}:{lineno}", row
+
+
+def read_jsonl(path: str, need_caption: bool = True) -> list[dict]:
+    """Records of a JSONL file, each with its absolute image path in `image_path` and its file:line in
+    `where`. need_caption=False: lines without a caption are fine (a caption given must still be text)."""
+    root, records = os.path.dirname(os.path.abspath(path)), []
+    for where, record in jsonl_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            raise DataError(f"{where}: each line needs an \"image\" string")
+        if (need_caption or "caption" in record) and not (isinstance(record.get("caption"), str) and record["caption"].strip()):
+            raise DataError(f"{where}: missing or empty \"caption\"")
+        record["image_path"] = os.path.join(root, record["image"])
+        record["where"] = where
+        records.append(record)
     if not records:
         raise DataError(f"{path}: no records")
     return records

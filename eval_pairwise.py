@@ -56,7 +56,7 @@ import urllib.request
 
 import shapes
 from configurator import ConfigError, configure
-from data import DataError, read_records, write_json
+from data import DataError, jsonl_lines, read_records, write_json
 
 config = dict(
     candidate="out/eval/captions.jsonl",  # model A's captions.jsonl (eval_unified's format)
@@ -98,23 +98,13 @@ class JudgeError(RuntimeError):
 
 def read_captions(path: str) -> dict[str, str]:
     """{image file name: caption} of a captions.jsonl; bad lines and repeated images name file:line."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such captions file")
-    captions, lines = {}, {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
-                raise DataError(f'{where}: each line needs an "image" string and a "caption" string')
-            if row["image"] in lines:
-                raise DataError(f"{where}: image {row['image']} again (first at line {lines[row['image']]})")
-            captions[row["image"]], lines[row["image"]] = row["caption"], lineno
+    captions, first = {}, {}
+    for where, row in jsonl_lines(path, "captions"):
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("caption"), str):
+            raise DataError(f'{where}: each line needs an "image" string and a "caption" string')
+        if first.setdefault(row["image"], where) != where:
+            raise DataError(f"{where}: image {row['image']} again (first at {first[row['image']]})")
+        captions[row["image"]] = row["caption"]
     if not captions:
         raise DataError(f"{path}: no captions")
     return captions

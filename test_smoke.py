@@ -2072,6 +2072,9 @@ def test_pairwise_bad_specs_and_inputs_name_what_is_wrong(tmp_path, monkeypatch)
     captions.write_text(good.splitlines()[0] + "\n{not json\n")
     with pytest.raises(DataError, match=re.escape(f"{captions}:2: invalid JSON")):
         P.main(args)
+    captions.write_text(good + good.splitlines()[0] + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{captions}:3: image 000.png again (first at {captions}:1)")):
+        P.main(args)
     captions.write_text(good.splitlines()[0] + "\n")
     with pytest.raises(DataError, match=r"1 missing \['001.png'\]"):
         P.main(args)
