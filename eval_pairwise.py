@@ -76,9 +76,11 @@ config = dict(
     cache="",  # JSONL of received replies (empty = out_dir/http_cache.jsonl)
 )
 
-PROMPT = """You compare two descriptions of the same image. A painter who cannot see the image will paint it from one description only.
-Which description lets the painter reproduce the image most faithfully: every object, its attributes (colour, shape, size), its position, and how many objects there are?
-A description that states something wrong (an object that is not there, a wrong attribute, a wrong position or count) misleads the painter: penalise wrong statements, do not reward length for its own sake.
+PROMPT = """You compare two descriptions of the same image. A painter who cannot see the image will paint it
+from one description only. Which description lets the painter reproduce the image most faithfully: every
+object, its attributes (colour, shape, size), its position, and how many objects there are? A description
+that states something wrong (an object that is not there, a wrong attribute, a wrong position or count)
+misleads the painter: penalise wrong statements, and do not reward length for its own sake.
 
 Description A: {first}
 Description B: {second}
@@ -225,6 +227,8 @@ class HFJudge(ChatJudge):
         self.tokenizer.padding_side = "left"  # generation continues every row from its own end
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if cfg.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"config key 'dtype': {cfg.dtype!r} is not one of float32, bfloat16, float16")
         device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
                                                           dtype=getattr(torch, cfg.dtype)).to(device).eval()
@@ -371,9 +375,9 @@ def parse_judges(text: str, cfg, records: list[dict]) -> list:
 # ----------------------------------------------------------------------------- tallies
 
 def wilson(successes: float, n: int, z: float = Z95) -> list[float]:
-    """The Wilson score interval of a proportion successes / n (NaNs when n = 0)."""
+    """The Wilson score interval of a proportion successes / n ([None, None] when n = 0: JSON has no NaN)."""
     if n == 0:
-        return [math.nan, math.nan]
+        return [None, None]
     p = successes / n
     centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
@@ -404,7 +408,7 @@ def tally(names: list[str], verdicts: dict[str, list[dict]], p1: list[tuple[floa
         per_image[name] = {"result": result, **{o: v[o]["verdict"] for o in ORDERS},
                            "replies": [v[o]["reply"] for o in ORDERS]}
     decided, decisive = counts["win"] + counts["tie"] + counts["loss"], counts["win"] + counts["loss"]
-    rate = lambda k, n: k / n if n else math.nan
+    rate = lambda k, n: k / n if n else None  # no pair to count: no rate
     figures = {
         **counts, "pairs": len(names),
         "unparseable_verdicts": {o: sum(v["verdict"] is None for v in verdicts[o]) for o in ORDERS},
@@ -421,7 +425,7 @@ def tally(names: list[str], verdicts: dict[str, list[dict]], p1: list[tuple[floa
 
 def table(results: dict) -> str:
     """The judges' figures as a markdown table, the judges' mean last."""
-    f = lambda x: "—" if x is None or math.isnan(x) else f"{x:.3f}"
+    f = lambda x: "—" if x is None else f"{x:.3f}"
     interval = lambda ci: f"{f(ci[0])} .. {f(ci[1])}"
     rows = ["| judge | win | tie | loss | unparseable (A/B, B/A) | win rate (ties ½) | 95% Wilson | decisive win rate "
             "| 95% Wilson | order agreement | Protocol 1 agreement |", "|---" * 11 + "|"]
@@ -451,8 +455,8 @@ def evaluate(cfg) -> dict:
         print(f"judge {judge.spec}: {len(names)} pairs in both orders, {judge.calls} calls"
               + (f" ({judge.cached} replies from the cache)" if hasattr(judge, "cached") else "")
               + f", {time.time() - t0:.1f} s")
-    rates = [j["win_rate"] for j in results["judges"].values() if not math.isnan(j["win_rate"])]
-    results["mean_win_rate"] = sum(rates) / len(rates) if rates else math.nan
+    rates = [j["win_rate"] for j in results["judges"].values() if j["win_rate"] is not None]
+    results["mean_win_rate"] = sum(rates) / len(rates) if rates else None  # of the judges with a rate
     if any(isinstance(j, ExactJudge) for j in judges):
         results["exact_scores"] = {n: {"candidate": exact_score(c, shapes.scene_from_json(r["scene"])),
                                        "baseline": exact_score(b, shapes.scene_from_json(r["scene"]))}

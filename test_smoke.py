@@ -2123,7 +2123,8 @@ def test_pairwise_tiny_hf_judges_run_end_to_end(tmp_path):
     assert (a["win"], a["tie"], a["loss"], a["unparseable"], a["calls"]) == (0, 3, 0, 0, 6)
     assert a["order_agreement"] == 0.0 and a["win_rate"] == 0.5 and a["retried_verdicts"] == 0
     assert (red["unparseable"], red["unparseable_verdicts"], red["retried_verdicts"], red["calls"]) == (3, {"ab": 3, "ba": 3}, 6, 12)
-    assert math.isnan(red["win_rate"]) and results["mean_win_rate"] == 0.5  # the unparseable judge has no rate
+    assert red["win_rate"] is None and red["win_rate_ci95"] == [None, None]  # the unparseable judge has no rate
+    assert results["mean_win_rate"] == 0.5
     assert results["per_image"][f"hf:{tmp_path / 'says_red'}"]["000.png"]["replies"] == ["red", "red"]
     assert "| 3 (3, 3) |" in (tmp_path / "out" / "results.md").read_text()
 
