@@ -94,6 +94,13 @@ def count(module) -> int:
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
+def weight_bytes(module, itemsize: int) -> int:
+    """Bytes of a module's parameters and floating buffers (SD3's positional table, RoPE's frequencies...)
+    after module.to(dtype) with a dtype of `itemsize` bytes."""
+    buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
+    return (count(module) + buffers) * itemsize
+
+
 def lora_params(module, targets: list[str], r: int) -> int:
     """Parameters of the adapters lora.inject_lora would add: r x (in + out) per targeted nn.Linear."""
     return sum(r * (m.in_features + m.out_features) for name, m in module.named_modules()
@@ -153,8 +160,9 @@ def dit_block_saved(d: int, heads: int, mlp: int, s_img: int, s_txt: int, mode: 
 def dit_activations(tcfg: dict, batch: int, s_img: int, s_txt: int, mode: str = "full", checkpointing: bool = False,
                     lora_r: int = 0, projector_hidden: int = 0, llm_hidden: int = 0, rules: Rules = Rules()) -> float:
     """Peak activation bytes of one DiT training forward + backward on `batch` samples: what the blocks save
-    (or, with activation checkpointing, each block's two input streams) plus the backward's working set,
-    taken as one block's saved bytes (its gradients; with checkpointing, the recomputed block as well).
+    (or, with activation checkpointing, each block's two input streams plus one recomputed block at a time)
+    plus the backward's working set, the gradients of a block's output and input streams (2 a d per token:
+    the backward frees each block's saved tensors as it goes, measured in test_smoke.py -k plan).
     Outside the blocks (full mode): the projector (its input, GELU input and output per text token), the
     context embedder's input and the output norm and projection of the image stream."""
     d, heads = tcfg["num_attention_heads"] * tcfg["attention_head_dim"], tcfg["num_attention_heads"]
@@ -166,9 +174,10 @@ def dit_activations(tcfg: dict, batch: int, s_img: int, s_txt: int, mode: str = 
     if mode == "full":
         outside += s_img * (n * d + a * d) + s_txt * (a * tcfg["joint_attention_dim"])
         outside += s_txt * a * (llm_hidden + 2 * projector_hidden)
+    working = 2 * a * d * (s_img + s_txt)
     if checkpointing:  # kept: each block's inputs (both streams); the backward recomputes one block at a time
-        return batch * (layers * a * d * (s_img + s_txt) + outside + 2 * middle)
-    return batch * (sum(blocks) + outside + middle)
+        return batch * (layers * a * d * (s_img + s_txt) + outside + middle + working)
+    return batch * (sum(blocks) + outside + working)
 
 
 def llm_layer_saved(d: int, f: int, heads: int, r: int, input_grad: bool = True) -> float:
@@ -191,14 +200,15 @@ def llm_activations(qcfg: dict, batch: int, tokens: int, lora_r: int, logits_tok
     keeps its fp32 output (4 V per kept token) and its computation holds the bf16 logits, their fp32 copy
     and the copy divided by the temperature at once, 10 bytes x V (the working set). Per sequence: the
     RoPE cos/sin (a x head_dim each) and the additive mask (a x tokens^2, one for all layers); the final
-    RMSNorm's fp32 input; the backward's working set, one layer's saved bytes."""
+    RMSNorm's fp32 input; the backward's working set, the gradients of a layer's output and input (2 a d
+    per token)."""
     t = qcfg["text_config"]
     d, f, heads, layers = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"], t["num_hidden_layers"]
     layer, first = llm_layer_saved(d, f, heads, lora_r), llm_layer_saved(d, f, heads, lora_r, input_grad=False)
     per_token = first + (layers - 1) * layer + (4 * d + 4) + 2 * BF16 * d // heads
     saved = batch * (tokens * per_token + BF16 * tokens ** 2)
     logits = batch * logits_tokens * t["vocab_size"] * 10
-    return saved + batch * tokens * layer + logits
+    return saved + batch * tokens * 2 * BF16 * d + logits
 
 
 def dit_inference_peak(tcfg: dict, batch: int, s_img: int, s_txt: int) -> float:
@@ -242,21 +252,21 @@ def dit_forward_flops(transformer, batch: int, latent: int, s_txt: int) -> float
     """One DiT forward on `batch` samples, counted by FlopCounterMode on the meta device (matmuls, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
     c = transformer.config
-    with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        transformer(hidden_states=torch.empty(1, c.in_channels, latent, latent),
-                    encoder_hidden_states=torch.empty(1, s_txt, c.joint_attention_dim),
-                    pooled_projections=torch.empty(1, c.pooled_projection_dim), timestep=torch.empty(1))
+    with torch.device(transformer.device), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        empty = lambda *shape: torch.empty(*shape, dtype=transformer.dtype)
+        transformer(hidden_states=empty(1, c.in_channels, latent, latent), encoder_hidden_states=empty(1, s_txt, c.joint_attention_dim),
+                    pooled_projections=empty(1, c.pooled_projection_dim), timestep=torch.empty(1))
     return batch * counter.get_total_flops()
 
 
 def vae_flops(vae, batch: int, size: int, decode: bool = True) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     down = 2 ** (len(vae.config.block_out_channels) - 1)
-    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+    with torch.device(vae.device), torch.no_grad(), FlopCounterMode(display=False) as counter:
         if decode:
-            vae.decode(torch.empty(1, vae.config.latent_channels, size // down, size // down))
+            vae.decode(torch.empty(1, vae.config.latent_channels, size // down, size // down, dtype=vae.dtype))
         else:
-            vae.encode(torch.empty(1, 3, size, size))
+            vae.encode(torch.empty(1, 3, size, size, dtype=vae.dtype))
     return batch * counter.get_total_flops()
 
 
@@ -321,20 +331,23 @@ def adamw_state(nbytes_params: float) -> float:
     return 2 * nbytes_params
 
 
-def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_tokens: int = 32,
-               bench_images: int = 100) -> StagePlan:
-    """Per-GPU memory and FLOPs of `stage` as its script runs with `cfg` (stage_config) on n_gpus."""
+def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_tokens: int = 32, bench_images: int = 100,
+               projector_hidden: int = PROJECTOR_HIDDEN, text_tokens: int = MAX_TEXT_TOKENS, rules: Rules = Rules()) -> StagePlan:
+    """Per-GPU memory and FLOPs of `stage` as its script runs with `cfg` (stage_config) on n_gpus. The
+    projector's width and the text window are from_pretrained's; `rules` how autocast saves (CUDA)."""
     llm, dit, vae, clip = models["llm"], models["transformer"], models["vae"], models["clip"]
     qcfg = {"text_config": llm.config.text_config.to_dict(), "vision_config": llm.config.vision_config.to_dict()}
     tcfg = dict(dit.config)
     text = llm.config.text_config
-    proj = text.hidden_size * PROJECTOR_HIDDEN + PROJECTOR_HIDDEN + PROJECTOR_HIDDEN * tcfg["joint_attention_dim"] + \
+    proj = text.hidden_size * projector_hidden + projector_hidden + projector_hidden * tcfg["joint_attention_dim"] + \
         tcfg["joint_attention_dim"]
     n_llm, n_dit, n_vae, n_clip = count(llm), count(dit), count(vae), count(clip)
+    frozen_bytes = lambda itemsize, *modules: sum(weight_bytes(m, itemsize) for m in modules)  # + buffers
+    dit_buffers = weight_bytes(dit, 1) - n_dit  # floating buffer elements (the positional table)
     down = 2 ** (len(vae.config.block_out_channels) - 1)
     size = getattr(cfg, "image_size", 0) or tcfg["sample_size"] * down  # 0 (or no key): the decoder's, model.image_size
     latent = size // down
-    s_img, s_txt = (latent // tcfg["patch_size"]) ** 2, MAX_TEXT_TOKENS
+    s_img, s_txt = (latent // tcfg["patch_size"]) ** 2, text_tokens
     patches = qwen_image_patches(size, qcfg)
     caption_tokens = getattr(cfg, "max_new_tokens", 0) or MAX_TEXT_TOKENS
     prompt = patches // 4 + prompt_tokens  # merged image tokens + the text around them
@@ -348,7 +361,7 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         local = cfg.batch_size // ranks
         micro = cfg.micro_batch or local
         p.micro_batch = micro
-        frozen = n_llm * wb + n_vae * wb  # SD3's text encoders are freed after the pooled embedding
+        frozen = frozen_bytes(wb, llm, vae) + dit_buffers * wb  # SD3's text encoders are freed after the pooled embedding
         trained = n_dit + proj  # the DiT in weights_dtype, the projector fp32 (nn.Linear's default)
         if fsdp:  # common.shard: .float() then fully_shard; the EMA is made from the shards
             p.sharded = True
@@ -360,7 +373,7 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
             tb = n_dit * wb + proj * 4
             p.weights, p.grads, p.optimizer, p.ema = frozen + tb, tb, adamw_state(tb), 4 * trained
         p.activations = dit_activations(tcfg, micro, s_img, s_txt, "full", cfg.grad_checkpointing,
-                                        projector_hidden=PROJECTOR_HIDDEN, llm_hidden=text.hidden_size) + \
+                                        projector_hidden=projector_hidden, llm_hidden=text.hidden_size, rules=rules) + \
             (0 if fsdp or wb == 4 else BF16 * proj)  # autocast's cached bf16 copy of the fp32 projector
         p.no_grad = vae_decode_peak(vae.config, local, size) if not cfg.cache_features else 0  # ~ the encoder's
         p.flops = cfg.batch_size * (fwd_dit(1) * (4 if cfg.grad_checkpointing else 3) / 1 +
@@ -373,7 +386,7 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         lora = lora_params(llm.model.language_model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                       "down_proj"], cfg.lora_r)
         trained = n_dit + proj
-        frozen = 4 * (n_llm + n_vae) + reward
+        frozen = frozen_bytes(4, llm, vae) + dit_buffers * 4 + reward
         if fsdp:
             p.sharded = True
             p.weights = frozen + 4 * lora + 4 * trained / ranks
@@ -386,8 +399,8 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         autocast_copies = BF16 * text_linear * 3 + (0 if fsdp else BF16 * trained)  # estimate: fp32 weights cast per use
         p.activations = (llm_activations(qcfg, local, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1) +
                          llm_activations(qcfg, 2 * local + 1, s_txt, cfg.lora_r) +  # captions + anchors ("" too)
-                         dit_activations(tcfg, local, s_img, s_txt, "full", False, projector_hidden=PROJECTOR_HIDDEN,
-                                         llm_hidden=text.hidden_size) * cfg.sample_steps +
+                         dit_activations(tcfg, local, s_img, s_txt, "full", False, projector_hidden=projector_hidden,
+                                         llm_hidden=text.hidden_size, rules=rules) * cfg.sample_steps +
                          vae_decode_peak(vae.config, local, size, grad=True) +
                          clip_vision_activations(CLIP_VIT_L14, local) + autocast_copies)
         p.no_grad = 0
@@ -405,7 +418,7 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         p.micro_batch = micro
         lora = lora_params(llm.model.language_model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                       "down_proj"], cfg.lora_r)
-        p.weights = wb * (n_llm + n_dit + n_vae) + 4 * proj + 4 * lora + reward
+        p.weights = frozen_bytes(wb, llm, dit, vae) + 4 * proj + 4 * lora + reward
         p.grads, p.optimizer = 4 * lora, 8 * lora
         p.activations = llm_activations(qcfg, local + 1, s_txt, cfg.lora_r) + \
             llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1)
@@ -425,10 +438,10 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         p.micro_batch = micro
         lora = lora_params(dit, ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                                  "to_add_out"], cfg.lora_r)
-        p.weights = wb * (n_llm + n_dit + n_vae) + 4 * proj + 4 * lora + reward
+        p.weights = frozen_bytes(wb, llm, dit, vae) + 4 * proj + 4 * lora + reward
         p.grads, p.optimizer = 4 * lora, 8 * lora
         cfg_batch = 2 if cfg.cfg_scale != 1.0 else 1
-        p.activations = dit_activations(tcfg, cfg_batch * micro, s_img, s_txt, "lora", False, cfg.lora_r)
+        p.activations = dit_activations(tcfg, cfg_batch * micro, s_img, s_txt, "lora", False, cfg.lora_r, rules=rules)
         p.no_grad = max(dit_inference_peak(tcfg, cfg_batch * micro, s_img, s_txt), vae_decode_peak(vae.config, micro, size))
         sde = cfg.train_steps - 1
         chosen = max(1, round(cfg.timestep_fraction * sde))
@@ -443,7 +456,7 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         b = cfg.batch_size
         judges = sum(bool(getattr(cfg, k)) for k in ("clip", "longclip", "dinov2", "dinov3"))
         vision_l = count(clip.vision_model) + count(clip.visual_projection)
-        p.weights = wb * (n_llm + n_dit + n_vae) + 4 * proj + 4 * (n_clip + (judges - 1) * vision_l)
+        p.weights = frozen_bytes(wb, llm, dit, vae) + 4 * proj + 4 * (n_clip + (judges - 1) * vision_l)
         cfg_batch = 2 if cfg.cfg_scale != 1.0 else 1
         p.micro_batch = b
         p.no_grad = max(dit_inference_peak(tcfg, cfg_batch * b, s_img, s_txt), vae_decode_peak(vae.config, b, size))
@@ -466,7 +479,7 @@ def table(plans: list[StagePlan], cfg) -> str:
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for p in plans:
         sec = step_seconds(p, cfg.n_gpus, cfg.mfu, cfg.peak_tflops)
-        mode = p.mode if p.sharded or p.mode == "ddp" else "fsdp = ddp (nothing sharded)"
+        mode = "1 process" if p.name == "eval" else p.mode
         rows.append(f"| {p.name} | {mode} | {p.micro_batch} | " + " | ".join(
             f"{v / GB:.1f}" for v in (p.weights, p.grads, p.optimizer, p.ema, p.activations, p.no_grad, p.fsdp_buffers,
                                       p.total)) +
