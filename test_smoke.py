@@ -2249,3 +2249,168 @@ def test_pairwise_http_run_killed_midway_resumes_from_the_cache(tmp_path, monkey
         assert len(cache.read_text().splitlines()) == 8
     finally:
         server.close()
+
+# ----------------------------------------------------------------------------- the memory plan (plan.py)
+
+def _live_storages():
+    """A dispatch mode that follows every storage an op creates (by weak reference) and records the most
+    bytes alive at once after any op (`peak`): exact and deterministic on the CPU. `ignore` are storages
+    that exist anyway (weights, inputs), also when an op returns a view of them."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LiveStorages(TorchDispatchMode):
+        def __init__(self, ignore):
+            super().__init__()
+            self.ignore, self.alive, self.peak = {t.untyped_storage()._cdata for t in ignore}, {}, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.alive = {k: v for k, v in self.alive.items() if not v[0].expired()}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self.ignore:
+                    self.alive.setdefault(t.untyped_storage()._cdata, (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()))
+            self.peak = max(self.peak, sum(n for _, n in self.alive.values()))
+            return out
+    return LiveStorages
+
+
+def _measured_activations(modules, inputs, step) -> int:
+    """Peak bytes a training forward + backward creates beyond weights and inputs, flash attention (the
+    plan's assumption), gradients of parameters dropped as they arrive (the plan counts them apart)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    params = [p for m in modules for p in m.parameters()]
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in params if p.requires_grad]
+    tracker = _live_storages()(params + [b for m in modules for b in m.buffers()] + list(inputs))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = step()
+        loss.backward()
+    for h in hooks:
+        h.remove()
+    return tracker.peak
+
+
+# tiny models in the real configs' layouts: the plan's own dicts with smaller sizes
+PLAN_TINY_DIT = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=16,
+                     num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=16,
+                     pos_embed_max_size=16, qk_norm="rms_norm")
+PLAN_TINY_QWEN = dict(
+    text_config=dict(vocab_size=320, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, hidden_act="silu",
+                     bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
+    vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=1, out_hidden_size=64),
+    tie_word_embeddings=True)
+
+
+def _plan_tiny_models():
+    import plan
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return plan.build_models(PLAN_TINY_QWEN, PLAN_TINY_DIT, _tiny_vae().config, clip=None, device="cpu")
+
+
+@pytest.mark.parametrize("mode,checkpointing", [("full", False), ("full", True), ("lora", False)])
+def test_plan_dit_activations_match_measured_storages(mode, checkpointing):
+    """The plan's DiT activation model (per-op saved bytes; CPU rules: norms in bf16) against the storages a
+    real training forward + backward of a 4-block SD3 MM-DiT keeps alive at its peak: pretrain_decoder's
+    (projector + DiT trained, with and without activation checkpointing) and grpo_decoder's (LoRA on the
+    attention, base frozen, inputs without gradients)."""
+    import plan
+    dit = _plan_tiny_models()["transformer"].to(torch.bfloat16)
+    llm_hidden, projector_hidden, b, s_txt = 48, 96, 3, 12
+    projector = M.projector_mlp(llm_hidden, projector_hidden, PLAN_TINY_DIT["joint_attention_dim"])  # fp32, as built
+    torch.manual_seed(0)
+    x, hidden = torch.randn(b, 4, 16, 16, dtype=torch.bfloat16), torch.randn(b, s_txt, llm_hidden, dtype=torch.bfloat16)
+    pooled, t = torch.randn(b, 16, dtype=torch.bfloat16), torch.full((b,), 500.0)
+    if mode == "lora":
+        dit.requires_grad_(False)
+        lora.inject_lora(dit, M.DIT_LORA_TARGETS, 4, 8)
+        cond = projector(hidden.float()).to(torch.bfloat16).detach()
+    if checkpointing:
+        dit.enable_gradient_checkpointing()
+
+    def step():
+        c = projector(hidden) if mode == "full" else cond
+        return dit(hidden_states=x, encoder_hidden_states=c, pooled_projections=pooled, timestep=t).sample.float().pow(2).mean()
+    measured = _measured_activations([dit, projector], [x, hidden, pooled, t], step)
+    s_img = (16 // 2) ** 2
+    predicted = plan.dit_activations(PLAN_TINY_DIT, b, s_img, s_txt, mode, checkpointing, lora_r=4,
+                                     projector_hidden=projector_hidden if mode == "full" else 0, llm_hidden=llm_hidden,
+                                     rules=plan.Rules(norm_fp32=False))
+    if mode == "full":  # autocast's cached bf16 copy of the fp32 projector (plan_stage adds it too)
+        predicted += plan.BF16 * plan.count(projector)
+    print(f"{mode} checkpointing={checkpointing}: measured {measured} B, predicted {predicted:.0f} B")
+    assert abs(predicted - measured) <= 0.2 * measured
+
+
+def test_plan_llm_lora_activations_match_measured_storages():
+    """The plan's model of a LoRA forward + backward of the text model with the teacher-forced log-probs
+    of grpo_encoder / cold_start (model.caption_logprobs' logits_to_keep and token_logprobs) against the
+    measured peak of a real 4-layer Qwen2.5-VL text model, bf16 weights, fp32 adapters."""
+    import plan
+    llm = _plan_tiny_models()["llm"].to(torch.bfloat16).requires_grad_(False)
+    lora.inject_lora(llm.model.language_model, M.LLM_LORA_TARGETS, 4, 8)
+    b, tokens, new = 3, 48, 16
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (b, tokens))
+    mask = torch.ones(b, tokens, dtype=torch.long)
+    mask[0, :5] = 0  # a left-padded prompt, as caption_inputs pads
+    scorer = type("Scorer", (), {"banned_token_ids": [0, 1]})()
+
+    def step():
+        logits = llm(input_ids=ids, attention_mask=mask, logits_to_keep=new + 1).logits
+        return -M.UAE.token_logprobs(scorer, logits[:, :-1], ids[:, -new:], 0.7).mean()
+    measured = _measured_activations([llm], [ids, mask], step)
+    predicted = plan.llm_activations(PLAN_TINY_QWEN, b, tokens, 4, logits_tokens=new)
+    print(f"measured {measured} B, predicted {predicted:.0f} B")
+    assert abs(predicted - measured) <= 0.2 * measured
+
+
+def _state_bytes(model, trained, opt, ema=()) -> dict:
+    """Bytes held, summed over unique storages: every weight and buffer of the model, the trained
+    parameters' gradients, the optimizer's state tensors and the EMA copies."""
+    unique = lambda ts: sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in ts}.values())
+    return {"weights": unique(list(model.parameters()) + list(model.buffers())),
+            "grads": unique([p.grad for p in trained if p.grad is not None]),
+            "optimizer": unique([v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]),
+            "ema": unique(ema)}
+
+
+def test_plan_weights_grads_optimizer_and_ema_match_a_real_step(paper_dirs):
+    """The plan's bytes of weights, gradients, AdamW state and EMA (from counts and dtypes) against the
+    tensors a real step holds, for pretrain_decoder (its build_model, new_ema: bf16 LLM / DiT / VAE, fp32
+    projector, DDP) and grpo_encoder (LoRA on the text model, frozen bf16), both from their paper configs
+    on the tiny Qwen2.5-VL / SD3.5 directories (one GPU, no reward backbone)."""
+    import plan
+    import pretrain_decoder
+    dirs = [f"qwen_dir={paper_dirs[0]}", f"sd3_dir={paper_dirs[1]}", "image_size=16", "reward_backbone=", "device=cpu",
+            "fsdp=False"]
+    cfg = plan.stage_config("pretrain_decoder", dirs)
+    model = pretrain_decoder.build_model(cfg, common.setup_runtime("cpu", "bfloat16"))
+    models = {"llm": model.llm, "transformer": model.transformer, "vae": model.vae, "clip": None}
+    with torch.no_grad():
+        hidden = model.text_hidden_states(["a cat sits on a red mat.", "a dog."])
+    trained = [p for m in model.decoder_modules() for p in m.parameters()]
+    ema = pretrain_decoder.new_ema(trained)
+    opt = torch.optim.AdamW(trained, lr=1e-4)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pretrain_decoder.flow_matching_loss(model, x0, hidden, torch.tensor([0.3, 0.7]), noise, "velocity").backward()
+    opt.step()
+    cases = [(plan.plan_stage("pretrain_decoder", cfg, models, 1, False, rules=plan.Rules(False)),
+              _state_bytes(model, trained, opt, ema))]
+    cfg = plan.stage_config("grpo_encoder", dirs)
+    predicted = plan.plan_stage("grpo_encoder", cfg, models, 1, False, rules=plan.Rules(False))  # before the adapters
+    model.requires_grad_(False)
+    adapters = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    opt = torch.optim.AdamW(adapters, lr=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.condition(["a cat sits on a red mat."]).float().pow(2).mean().backward()
+    opt.step()
+    cases.append((predicted, _state_bytes(model, adapters, opt)))
+    for predicted, measured in cases:
+        for key, value in measured.items():
+            print(f"{predicted.name} {key}: measured {value} B, predicted {getattr(predicted, key):.0f} B")
+            assert abs(getattr(predicted, key) - value) <= 0.2 * value + 1024  # AdamW's step counters: 4 B each
