@@ -14,7 +14,7 @@ max_steps = 500  # [-]
 batch_size = 64  # [-]
 sample_steps = 10  # [R] steps of the released code's differentiable sampler
 temperature = 0.7  # [R]
-max_new_tokens = 512  # [R]
+max_new_tokens = 0  # [R] the release caps captions at 512 new tokens; 0 = the decoder's 512-token window minus the generate-turn prefix, the most that reaches the decoder whole (model.caption_cap refuses more)
 ce_weight = 1.0  # [-]
 anchor_weight = 3.0  # [-] chosen on the shapes world's val (RESULTS.md)
 log_interval = 10

@@ -8,7 +8,7 @@ dinov2 = "hf:/ckpt/dinov2-large"  # [R]
 dinov3 = "hf:/ckpt/dinov3-vitl16-pretrain-lvd1689m"  # [R]
 reward_backbone = ""  # the paper's reward CLIP is its clip judge too (the other three judges are independent of it)
 greedy = True  # [-] deterministic captions
-max_new_tokens = 512  # [R]
+max_new_tokens = 0  # [R] the release caps captions at 512 new tokens; 0 = the decoder's 512-token window minus the generate-turn prefix, the most that reaches the decoder whole (model.caption_cap refuses more)
 sample_steps = 40  # [R]
 cfg_scale = 5.0  # [R]
 batch_size = 4  # [-] 1024 px

@@ -14,7 +14,7 @@ max_steps = 300  # [-]
 captions_per_step = 48  # [F] 48 prompts per epoch
 group_size = 24  # [F] images per prompt
 greedy_captions = True  # [-]
-max_new_tokens = 512  # [R]
+max_new_tokens = 0  # [R] the release caps captions at 512 new tokens; 0 = the decoder's 512-token window minus the generate-turn prefix, the most that reaches the decoder whole (model.caption_cap refuses more)
 train_steps = 10  # [F] denoising reduction: 10 sampling steps in training
 eval_steps = 40  # [F] [R] 40 at evaluation
 noise_level = 0.7  # [F]

@@ -14,7 +14,7 @@ max_steps = 1000  # [-]
 images_per_step = 32  # [-] 4 per GPU
 group_size = 8  # [G]
 temperature = 0.7  # [R]
-max_new_tokens = 512  # [R]
+max_new_tokens = 0  # [R] the release caps captions at 512 new tokens; 0 = the decoder's 512-token window minus the generate-turn prefix, the most that reaches the decoder whole (model.caption_cap refuses more)
 decode_steps = 20  # [-] the frozen decoder's reward sampler (inference uses 40)
 cfg_scale = 5.0  # [R]
 clip_eps = 0.2  # [G]
