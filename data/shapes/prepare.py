@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)  # this script lives in data/shapes/; the world's code is at the top level
@@ -314,13 +315,14 @@ def main(argv=None):
     print(f"rendered {len(data['images'])} contrastive images ({time.time() - t0:.0f}s)", flush=True)
     judges = os.path.join(cfg.out_dir, "judges")
     os.makedirs(judges, exist_ok=True)
-    report = {"splits": {k: len(v) for k, v in splits.items()}, "overlaps": overlaps,
-              "reward": train_open_clip(cfg, "ShapesCLIP", data, os.path.join(cfg.out_dir, "shapes_clip.pt"),
-                                        cfg.clip_steps, cfg.clip_batch, cfg.clip_lr, cfg.seed, val),
-              "judges": {"clip": train_hf_clip(cfg, data, os.path.join(judges, "clip"), val),
-                         "longclip": train_open_clip(cfg, "ShapesLongCLIP", data, os.path.join(judges, "longclip.pt"),
-                                                     cfg.judge_steps, cfg.judge_batch, cfg.judge_lr, cfg.seed + 3, val),
-                         "dinov2": train_hf_dino(cfg, data, os.path.join(judges, "dinov2"), val)}}
+    with sdpa_kernel(SDPBackend.MATH):  # CPU flash attention's backward is slow at 17-96 tokens: steps 1.3-2.7x faster
+        report = {"splits": {k: len(v) for k, v in splits.items()}, "overlaps": overlaps,
+                  "reward": train_open_clip(cfg, "ShapesCLIP", data, os.path.join(cfg.out_dir, "shapes_clip.pt"),
+                                            cfg.clip_steps, cfg.clip_batch, cfg.clip_lr, cfg.seed, val),
+                  "judges": {"clip": train_hf_clip(cfg, data, os.path.join(judges, "clip"), val),
+                             "longclip": train_open_clip(cfg, "ShapesLongCLIP", data, os.path.join(judges, "longclip.pt"),
+                                                         cfg.judge_steps, cfg.judge_batch, cfg.judge_lr, cfg.seed + 3, val),
+                             "dinov2": train_hf_dino(cfg, data, os.path.join(judges, "dinov2"), val)}}
     report["total_seconds"] = round(time.time() - t0, 1)
     write_json(os.path.join(cfg.out_dir, "shapes_clip_eval.json"), report)  # last: the speedrun's "done" mark
     for name, r in [("reward", report["reward"])] + list(report["judges"].items()):
