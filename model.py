@@ -296,13 +296,14 @@ class UAE(nn.Module):
 
     # ------------------------------------------------------------------ understanding: image -> caption
 
-    def caption_inputs(self, images, num_samples: int = 1) -> dict:
-        """Processor inputs for the caption prompt, each image repeated num_samples times (left-padded)."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.caption_prompt}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def caption_inputs(self, images, num_samples: int = 1, prompts: list[str] | None = None) -> dict:
+        """Processor inputs for the caption prompt (or one user prompt per image), each image repeated
+        num_samples times (left-padded)."""
+        turn = lambda text: self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False)
+        texts = [turn(t) for t in prompts for _ in range(num_samples)] if prompts else [turn(self.caption_prompt)] * (len(images) * num_samples)
         images = [to_uint8_hwc(im) for im in images for _ in range(num_samples)]
-        batch = self.processor(text=[prompt] * len(images), images=images, return_tensors="pt", padding=True,
-                               padding_side="left")
+        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def completion_mask(self, ids: torch.Tensor) -> torch.Tensor:
@@ -343,10 +344,10 @@ class UAE(nn.Module):
 
     @torch.no_grad()
     def caption(self, images, num_samples: int = 1, temperature: float = 0.7, max_new_tokens: int = 0,
-                greedy: bool = False) -> Captions:
+                greedy: bool = False, prompts: list[str] | None = None) -> Captions:
         """G = num_samples captions per image from one batched generate, at most caption_cap(max_new_tokens)
-        tokens each (sampling_options)."""
-        prompt = self.caption_inputs(images, num_samples)
+        tokens each (sampling_options); `prompts` replaces the caption prompt, one per image."""
+        prompt = self.caption_inputs(images, num_samples, prompts)
         out = self.llm.generate(**prompt, **self.sampling_options(temperature, max_new_tokens, greedy),
                                 return_dict_in_generate=True)
         ids = out.sequences[:, prompt["input_ids"].shape[1]:]

@@ -28,6 +28,7 @@ from data import load_images, read_jsonl
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     caption_field="short_caption",  # which caption to imitate: the world's under-describing alt-text
+    grounding=0.0,  # share of examples that ask about one object instead (shapes.object_question; needs "scene"): perception of every object
     out_dir="out/pretrain_encoder",  # checkpoint directory
     init_from="scratch",  # "scratch" builds the tiny model; otherwise a UAE checkpoint directory
     tokenizer_dir="data/shapes/tokenizer",  # the world's tokenizer (scratch only)
@@ -120,6 +121,9 @@ def main(argv=None):
         if not r.get(cfg.caption_field, "").strip():
             raise ValueError(f"{r['where']}: missing or empty \"{cfg.caption_field}\"")
     train_images = load_images(train)
+    train_scenes = shapes.scenes_of(train)
+    if cfg.grounding > 0 and train_scenes is None:
+        raise ValueError(f"grounding={cfg.grounding} needs a \"scene\" on every line of {cfg.data_dir}/train.jsonl (shapes world); use --grounding=0")
     val_images, val_scenes = load_images(val), shapes.scenes_of(val)
     # ---- loop
     t0, t_log, guard = time.time(), time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
@@ -131,9 +135,13 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, len(train), (local_batch,))
-        ids = caption_ids(model, [train[i][cfg.caption_field] for i in idx.tolist()])
+        ask = (torch.rand(local_batch) < cfg.grounding).tolist()
+        choice = torch.randint(0, 1 << 30, (local_batch,)).tolist()
+        turns = [shapes.object_question(train_scenes[i], c) if a else (model.caption_prompt, train[i][cfg.caption_field])
+                 for i, a, c in zip(idx.tolist(), ask, choice)]
+        ids = caption_ids(model, [answer for _, answer in turns])
         with rt.autocast(training=True):
-            prompt = model.caption_inputs(train_images[idx])
+            prompt = model.caption_inputs(train_images[idx], prompts=[question for question, _ in turns])
             logp = model.caption_logprobs(prompt, ids, temperature=1.0)
         mask = ids != model.tokenizer.pad_token_id
         loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
@@ -154,6 +162,8 @@ def main(argv=None):
         if step % cfg.eval_interval == 0 or step == cfg.max_steps:
             if rt.master and val_scenes is not None:
                 shapes.probe_captioner(model, rt, val_images, val_scenes, cfg.max_new_tokens, step, batch_size=64)
+                if cfg.grounding > 0:
+                    shapes.probe_grounding(model, rt, val_images, val_scenes, step)
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             save_checkpoint(cfg.out_dir, model, M.UAE.PARTS, opt, step, vars(cfg))
     bar.close()

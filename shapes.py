@@ -15,6 +15,7 @@ RL closes). The decoder learns from a mix of all three styles, as a T2I model le
 it draws something sensible for any caption and guesses what a caption leaves out (DESIGN §6).
 Splits are disjoint as scenes (`scene_key`, jitter ignored): `check_disjoint` proves it.
 """
+import dataclasses
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -165,6 +166,18 @@ def _join(phrases: list[str]) -> str:
 def long_caption(scene: tuple) -> str:
     """Every object with all four attributes, in reading order."""
     return _join([_phrase(o) for o in scene])
+
+
+def object_question(scene: tuple, choice: int) -> tuple[str, str]:
+    """A grounding question about one object of the scene and its answer, in the world's words: by kind
+    ("describe the red circle." -> "a small red circle at the top left.") or by cell ("describe the
+    top left." -> "a small red circle."). `choice` (any int) picks the object and the kind of question.
+    The base encoder learns these beside its short captions (pretrain_encoder `grounding`): like a
+    pretrained VLM, it can see every object, small ones included, and still caption briefly."""
+    obj = scene[choice % len(scene)]
+    if (choice // len(scene)) % 2 == 0:
+        return f"describe the {obj.color} {obj.shape}.", _join([_phrase(obj)])
+    return f"describe the {obj.pos}.", _join([_phrase(dataclasses.replace(obj, pos=None))])
 
 
 def short_caption(scene: tuple, rng: random.Random) -> str:
@@ -324,6 +337,22 @@ def probe_captioner(model, rt, images, scenes, max_new_tokens: int, step: int, b
     model.train()
     report = caption_report(texts, scenes) | {"example": texts[0]}
     rt.print(f"eval step {step} " + format_report(report) + f" | {report['example']}")
+    return report
+
+
+def probe_grounding(model, rt, images, scenes, step: int) -> dict:
+    """Position accuracy of greedy answers to "describe the <colour> <shape>." for every object of the
+    scenes (large and small apart): what the encoder can see, whether or not its captions say it."""
+    pairs = [(im, o) for im, sc in zip(images, scenes) for o in sc]
+    model.eval()
+    with rt.autocast():
+        texts = model.caption([im for im, _ in pairs], max_new_tokens=12, greedy=True,
+                              prompts=[f"describe the {o.color} {o.shape}." for _, o in pairs]).texts
+    model.train()
+    said = [parse_caption(t) for t in texts]
+    right = lambda size: [bool(s) and s[0].pos == o.pos for s, (_, o) in zip(said, pairs) if o.size == size]
+    report = {f"position_{size}": float(np.mean(right(size))) for size in SIZES}
+    rt.print(f"eval step {step} grounding " + " ".join(f"{k} {v:.3f}" for k, v in report.items()))
     return report
 
 

@@ -164,6 +164,16 @@ def test_short_captions_under_describe_small_objects():
     assert abs(mentioned["large"][0] / mentioned["large"][1] - 0.7) < 0.03
 
 
+def test_object_questions_by_hand():
+    scene = shapes.canonical([shapes.Obj("top left", "red", "circle", "small"), shapes.Obj("center", "blue", "square", "large")])
+    assert shapes.object_question(scene, 0) == ("describe the red circle.", "a small red circle at the top left.")
+    assert shapes.object_question(scene, 1) == ("describe the blue square.", "a large blue square at the center.")
+    assert shapes.object_question(scene, 2) == ("describe the top left.", "a small red circle.")
+    assert shapes.object_question(scene, 7) == ("describe the center.", "a large blue square.")
+    tok = shapes.build_tokenizer()  # every question is in the world's words
+    assert tok.unk_token_id not in tok("describe the bottom right. describe the purple triangle.")["input_ids"]
+
+
 def test_tokenizer_round_trip_chat_template_and_processor(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     shapes.build_tokenizer().save_pretrained(tmp_path)
