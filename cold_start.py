@@ -19,6 +19,12 @@ decoder, so the conditioning of the batch's true long captions is anchored to th
 anchor_weight 3 it keeps the decoder's 0.37 on val and raises the Unified-Score 33.4 -> 39.2 there
 (RESULTS.md). Learning rates are small and the run is short: this stage initialises, it does not solve.
 
+Memory (paper scale, plan.py): the backward goes through every sampler step, the VAE decode and the reward
+backbone, so a step runs in micro-batches of images (micro_batch), each with its captions, its share of the
+sampler's noise and of the anchor texts, backpropagated alone (the gradients add up to the whole batch's);
+grad_checkpointing recomputes each DiT block in the backward instead of keeping its activations for all
+sample_steps; weights_dtype loads the frozen LLM and VAE in bf16 while the trained decoder stays fp32.
+
     python cold_start.py
     torchrun --standalone --nproc_per_node=2 cold_start.py
 """
@@ -32,7 +38,8 @@ from tqdm import tqdm
 import model as M
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, clip_grad_norm, end_run, full_tensor,
-    load_full_state, load_optimizer_state, NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, shard, start_run)
+    load_full_state, load_optimizer_state, micro_slices, NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, shard,
+    start_run)
 from configurator import configure
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
@@ -41,6 +48,7 @@ from reward import ReconstructionReward, cosine, load_backbone
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     init_from="out/pretrain_decoder",  # UAE checkpoint (pretrained encoder + decoder)
+    weights_dtype="float32",  # dtype the frozen LLM and VAE are loaded in (paper: bfloat16, half the memory); the trained projector, DiT and adapters stay fp32
     image_size=0,  # side the images are resized and centre-cropped to on load (0 = the decoder's: model.image_size)
     out_dir="out/cold_start",  # checkpoint directory
     resume=True,  # continue from out_dir if it holds an unfinished run
@@ -51,6 +59,8 @@ config = dict(
     lr_decoder=2e-6,  # AdamW learning rate of projector + DiT ("gently"; chosen on the first world's bench: 1e-5 cost 2.6-3.7 Unified-Score there, 2e-6 0.8)
     max_steps=60,  # optimizer steps
     batch_size=16,  # global batch (split over ranks)
+    micro_batch=0,  # images per forward/backward on a rank (0 = the rank's whole batch); gradients accumulate to the batch's (paper: memory)
+    grad_checkpointing=False,  # recompute each DiT block in the backward instead of keeping its activations through every sampler step (paper scale)
     sample_steps=4,  # steps of the differentiable sampler (released code: 10)
     temperature=0.7,  # sampling temperature of the captions read back
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
@@ -74,13 +84,41 @@ def decoder_condition(model, captions: M.Captions) -> torch.Tensor:
     return model.condition(captions.texts, allow_cut=True)
 
 
+def backward(model, rt, backbone, captions: M.Captions, source, anchor_texts, reference, noise, cfg) -> dict:
+    """Backpropagate the step's loss in micro-batches of images: each with its captions, its rows of the
+    sampler's noise (drawn whole, so the split does not change it) and its anchor texts (the last also
+    takes the ""), its terms weighted by their share of the batch so that the gradients add up to the
+    whole batch's. The backward runs under the training attention kernel: grad_checkpointing recomputes
+    DiT blocks there. Returns the loss and its terms, summed over the micro-batches."""
+    n = len(captions.texts)
+    tokens = captions.mask.bool().sum()
+    parts = micro_slices(n, cfg.micro_batch)
+    totals = {"loss": 0.0, "similarity": 0.0, "ce": 0.0, "drift": 0.0}
+    for rows, anchors in zip(parts, M.anchor_slices(parts)):
+        c = captions.rows(rows)
+        with rt.autocast(training=True):
+            logp = model.caption_logprobs(c.prompt, c.ids, 1.0)
+            cond = decoder_condition(model, c)
+            x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps, noise=noise[rows]))
+            drift = model.drift(anchor_texts, reference, anchors)
+        similarity = cosine(backbone(x_hat), source[rows])
+        ce = -torch.where(c.mask.bool(), logp, 0.0).sum() / tokens
+        share = len(c.texts) / n
+        loss = (1 - similarity).mean() * share + cfg.ce_weight * ce + cfg.anchor_weight * drift
+        with rt.attention_kernel(training=True):
+            loss.backward()
+        for k, v in (("loss", loss), ("similarity", similarity.mean() * share), ("ce", ce), ("drift", drift)):
+            totals[k] = totals[k] + v.detach()
+    return totals
+
+
 def main(argv=None):
     cfg = configure(config, argv)
     rt, state = start_run(cfg)
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
-    model = M.UAE.load(cfg.init_from).to(rt.device)
+    model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype), decoder_dtype=torch.float32).to(rt.device)
     model.requires_grad_(False)
     lora = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
     decoder = model.decoder_modules()
@@ -88,6 +126,8 @@ def main(argv=None):
     for p in decoder_params:
         p.requires_grad_(True)
     broadcast_from_master(lora + decoder_params)  # one model on every rank (per-rank seeds drew the random inits)
+    if cfg.grad_checkpointing:  # the differentiable sampler calls the DiT sample_steps times: each call's blocks
+        model.transformer.enable_gradient_checkpointing()
     if cfg.fsdp:
         shard(decoder, rt.dtype)
         decoder_params = [p for m in decoder for p in m.parameters()]
@@ -122,29 +162,22 @@ def main(argv=None):
         anchor_texts = [train[i]["caption"] for i in idx.tolist()] + [""]  # what the decoder learned to read
         with torch.no_grad(), lora_disabled(model.llm), rt.autocast():
             reference = model.condition(anchor_texts)
-        with rt.autocast(training=True):
-            logp = model.caption_logprobs(captions.prompt, captions.ids, 1.0)
-            cond = decoder_condition(model, captions)
-            x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps))
-            drift = M.condition_drift(model.condition(anchor_texts), reference)
+        noise = torch.randn(model.latent_shape(local_batch), device=rt.device)  # the sampler's start
         source = reward_fn.source_features(x.float().div(255).to(rt.device), idx.tolist())
-        similarity = cosine(backbone(x_hat), source)
-        mask = captions.mask.bool()
-        ce = -torch.where(mask, logp, 0.0).sum() / mask.sum()
-        loss = (1 - similarity).mean() + cfg.ce_weight * ce + cfg.anchor_weight * drift
+        opt.zero_grad(set_to_none=True)
+        stats = backward(model, rt, backbone, captions, source, anchor_texts, reference, noise, cfg)
+        loss = stats["loss"]
         if not guard.passed(all_finite(loss), step + 1):
             continue
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         all_reduce_grads(params)
         clip_grad_norm(params, cfg.grad_clip)
         opt.step()
         step += 1
         bar.update(1)
         if step % cfg.log_interval == 0:
-            rt.print(f"step {step} loss {all_reduce_mean(loss.detach()).item():.4f} "
-                     f"similarity {all_reduce_mean(similarity.detach().mean()).item():.4f} "
-                     f"ce {all_reduce_mean(ce.detach()).item():.4f} drift {all_reduce_mean(drift.detach()).item():.5f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
+            rt.print(f"step {step} loss {all_reduce_mean(loss).item():.4f} "
+                     f"similarity {all_reduce_mean(stats['similarity']).item():.4f} "
+                     f"ce {all_reduce_mean(stats['ce']).item():.4f} drift {all_reduce_mean(stats['drift']).item():.5f} elapsed {time.time() - t0:.0f}s | {captions.texts[0]}")
         if step % cfg.save_interval == 0 or step == cfg.max_steps:
             save_checkpoint(cfg.out_dir, model, ("llm", "transformer"), opt, step, vars(cfg),
                             {"decoder": [{k: full_tensor(v) for k, v in m.state_dict().items()} for m in decoder]},

@@ -253,6 +253,14 @@ def all_reduce_grads(params):
                 p.grad /= dist.get_world_size()
 
 
+def micro_slices(n: int, size: int) -> list[slice]:
+    """A rank's batch of n rows in micro-batches of `size` rows (0 = all at once; the last may be short):
+    each is forwarded and backpropagated alone, its loss weighted by its share, so that the gradients add
+    up to the whole batch's and per-GPU memory is set by `size`, not by the batch."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def all_finite(*values: torch.Tensor) -> bool:
     """True when every value is finite on every rank (an all-reduce MIN of the local verdict): the
     ranks skip the same steps, so their collectives stay paired. A rank that skipped alone would

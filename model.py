@@ -248,8 +248,11 @@ class UAE(nn.Module):
                        "prediction": self.prediction}, f, indent=1)
 
     @classmethod
-    def load(cls, directory: str, dtype=torch.float32):
-        """Load a checkpoint written by save(); adapters arrive merged into their parts."""
+    def load(cls, directory: str, dtype=torch.float32, decoder_dtype=None):
+        """Load a checkpoint written by save(); adapters arrive merged into their parts. `decoder_dtype`
+        (default: dtype) is the DiT's and text positions' (the projector is always fp32): a stage that
+        trains the decoder keeps it fp32 while the frozen LLM and VAE come in a half dtype (cold_start)."""
+        decoder_dtype = decoder_dtype or dtype
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
         meta_path = os.path.join(directory, "model.json")
@@ -263,7 +266,7 @@ class UAE(nn.Module):
                 raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
         llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
         processor = AutoProcessor.from_pretrained(paths["processor"])
-        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=dtype)
+        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=decoder_dtype)
         vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
         weights = load_file(os.path.join(directory, "projector.safetensors"))
@@ -272,13 +275,13 @@ class UAE(nn.Module):
         positions = weights.pop("text_positions", None)
         text_stats = weights.pop("text_shift", None), weights.pop("text_scale", None)  # absent: identity
         # without accelerate, diffusers may keep fp32 weights despite dtype= (DESIGN §10): cast explicitly
-        transformer, vae = (m if m.dtype == dtype else m.to(dtype) for m in (transformer, vae))
+        transformer, vae = (m if m.dtype == d else m.to(d) for m, d in ((transformer, decoder_dtype), (vae, dtype)))
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
         model.projector.load_state_dict(weights)
         model.prediction = meta.get("prediction", "velocity")  # checkpoints written before the option: SD3's
         if positions is not None:
-            model.text_positions = nn.Embedding.from_pretrained(positions.to(dtype), freeze=False)
+            model.text_positions = nn.Embedding.from_pretrained(positions.to(decoder_dtype), freeze=False)
         if text_stats[0] is not None:
             model.text_shift.copy_(text_stats[0])
             model.text_scale.copy_(text_stats[1])
@@ -424,6 +427,15 @@ class UAE(nn.Module):
         """Caption -> DiT encoder_hidden_states (B, max_text_tokens, joint_attention_dim)."""
         return self.project(self.text_hidden_states(texts, allow_cut))
 
+    def drift(self, texts: list[str], reference: torch.Tensor, part: slice = slice(None), allow_cut: bool = False):
+        """condition_drift of the rows `part` of an anchor set (its texts, and their frozen conditioning
+        `reference`, under no_grad), weighted by its share of the rows: the parts of a partition add up to the
+        whole set's drift, so each part can run and backpropagate on its own, and the anchor's activations
+        are bounded by a micro-batch, not by the set (33 texts x 512 tokens at paper scale: ~89 GB)."""
+        rows = range(len(texts))[part]
+        return condition_drift(self.condition(texts[part], allow_cut), reference[part], reference.float().pow(2).mean(),
+                               len(rows) / len(texts))
+
     def decoder_modules(self) -> list[nn.Module]:
         """What the decoder trains on top of the frozen LLM: text positions (if any), projector, DiT."""
         return [m for m in (self.text_positions, self.projector, self.transformer) if m is not None]
@@ -567,12 +579,21 @@ def caption_tokens(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.abs().amax(-1) > 0
 
 
-def condition_drift(cond: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def condition_drift(cond: torch.Tensor, reference: torch.Tensor, power: torch.Tensor | None = None,
+                    share: float = 1.0) -> torch.Tensor:
     """Squared distance of the decoder's conditioning from a frozen reference, relative to the latter's
     size (fp32). An LLM adapter (cold start, encoder RL) lives in the one LLM that also encodes captions
-    for the decoder (DESIGN §3); unanchored it moves the generate-role states the DiT was trained on."""
+    for the decoder (DESIGN §3); unanchored it moves the generate-role states the DiT was trained on.
+    For some rows of a set (UAE.drift): `power` = the whole reference's mean square, `share` = the rows'
+    fraction of the set, so that the parts' values add up to the whole set's."""
     cond, reference = cond.float(), reference.float()
-    return ((cond - reference) ** 2).mean() / reference.pow(2).mean()
+    return ((cond - reference) ** 2).mean() * share / (reference.pow(2).mean() if power is None else power)
+
+
+def anchor_slices(parts: list[slice]) -> list[slice]:
+    """Each micro-batch's rows of an anchor set that is the batch's texts followed by one more (the "" of
+    the CFG negative): the last micro-batch also takes that one."""
+    return parts[:-1] + [slice(parts[-1].start, None)]
 
 
 @torch.no_grad()

@@ -1100,8 +1100,8 @@ KILL_SITE = (  # on PYTHONPATH, it makes a run's n-th optimizer step raise on ev
 
 @pytest.mark.parametrize("script", ["pretrain_decoder", "cold_start"])
 def test_fsdp_run_killed_and_resumed_is_bit_identical_and_loads_in_one_process(script, tiny_world, tmp_path):
-    """The decoder sharded with FSDP2 over 2 gloo ranks (pretrain_decoder also with activation checkpointing
-    and 2 micro-batches per rank; cold_start beside an unsharded LoRA): killed in step 3 (after its step-2
+    """The decoder sharded with FSDP2 over 2 gloo ranks, with activation checkpointing and 2 micro-batches per
+    rank (cold_start beside an unsharded LoRA, its frozen LLM and VAE in bf16 as config/paper_cold_start.py): killed in step 3 (after its step-2
     checkpoint) and rerun, a run ends where an unbroken run ends; the checkpoint, gathered whole, loads in
     one process and samples."""
     (tmp_path / "kill").mkdir()
@@ -1110,8 +1110,8 @@ def test_fsdp_run_killed_and_resumed_is_bit_identical_and_loads_in_one_process(s
                                  "--grad_checkpointing=True", "--micro_batch=2"] +
                                 [a.replace("--threads=2", "--threads=1") for a in TINY_DECODER],
             "cold_start": [f"--init_from={tiny_world / 'dec'}", "--batch_size=4", "--sample_steps=2", "--max_new_tokens=8",
-                           "--lora_r=4", "--lora_alpha=8", "--threads=1",
-                           f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]}[script]
+                           "--lora_r=4", "--lora_alpha=8", "--threads=1", "--grad_checkpointing=True", "--micro_batch=1",
+                           "--weights_dtype=bfloat16", f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"]}[script]
 
     def launch(out, kill=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1689,6 +1689,48 @@ def test_cold_start_conditions_the_decoder_on_caption_text_only(tiny_world):
         seen = model.llm(**inputs, output_hidden_states=True).hidden_states[-1][:, -n:]
     assert cond.shape == (2, model.max_text_tokens, model.transformer.config.joint_attention_dim)
     assert torch.equal(cond[0], cond[1]) and not torch.allclose(seen[0], seen[1])
+
+
+def test_cold_start_micro_batches_and_checkpointing_give_the_whole_batch_gradient(tiny_world):
+    """cold_start.backward over micro-batches of images (3 + 1: uneven shares; the "" anchor with the last),
+    with and without DiT-block checkpointing through the differentiable sampler, gives the whole batch's
+    loss and gradients on the adapters, projector and DiT (fp32)."""
+    import cold_start
+    from configurator import configure
+    rt, model, adapters, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
+    decoder = [p for m in model.decoder_modules() for p in m.parameters()]
+    for p in decoder:
+        p.requires_grad_(True)
+    records = read_jsonl(str(tiny_world / "train.jsonl"))[:4]
+    x = load_images(records)
+    with torch.no_grad():
+        captions = model.eval().caption(x, 1, 0.7, 8)
+        anchor_texts = [r["caption"] for r in records] + [""]
+        with lora.lora_disabled(model.llm):
+            reference = model.condition(anchor_texts)
+    model.train()
+    noise = torch.randn(model.latent_shape(4))
+    source = reward_fn.source_features(x.float().div(255), [0, 1, 2, 3])
+    results, block_calls = [], []
+    hook = model.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: block_calls.append(1))
+    for micro, checkpointing in ((0, False), (3, False), (3, True)):
+        if checkpointing:
+            model.transformer.enable_gradient_checkpointing()
+        model.zero_grad(set_to_none=True)
+        block_calls.clear()
+        cfg = configure(cold_start.config, ["--sample_steps=2", f"--micro_batch={micro}", "--ce_weight=0.5", "--anchor_weight=3.0"])
+        stats = cold_start.backward(model, rt, reward_fn.backbone, captions, source, anchor_texts, reference, noise, cfg)
+        results.append((stats, [p.grad.clone() for p in adapters + decoder]))
+        assert len(block_calls) == 2 * (1 if micro == 0 else 2) * (2 if checkpointing else 1)  # steps x parts (x recompute)
+    hook.remove()
+    model.transformer.disable_gradient_checkpointing()
+    (whole, whole_grads), parts = results[0], results[1:]
+    assert whole["drift"] > 0 and all(g.abs().max() > 0 for g in (whole_grads[0], whole_grads[-1]))  # adapters and DiT both learn
+    for stats, grads in parts:
+        for k in whole:
+            torch.testing.assert_close(stats[k], whole[k], atol=1e-6, rtol=1e-5)
+        for g, ref in zip(grads, whole_grads):
+            torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-4)
 
 
 def test_condition_drift_by_hand():
