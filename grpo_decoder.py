@@ -30,7 +30,7 @@ from tqdm import tqdm
 import model as M
 import shapes
 from common import (
-    all_finite, all_reduce_grads, broadcast_from_master, end_run, group_reward_stats, NonFiniteGuard, own_rank,
+    all_finite, all_reduce_grads, broadcast_from_master, end_run, group_reward_stats, micro_slices, NonFiniteGuard, own_rank,
     save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
@@ -97,8 +97,7 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
         # the SDE steps' noise, which is what the log-probs credit (DanceGRPO's use_same_noise)
         noise = (torch.randn(model.latent_shape(len(texts)), device=rt.device).repeat_interleave(cfg.group_size, 0)
                  if cfg.shared_noise else None)
-        size = cfg.micro_batch or len(cond)
-        chunks = [slice(i, i + size) for i in range(0, len(cond), size)]
+        chunks = micro_slices(len(cond), cfg.micro_batch)
         parts = [model.sample_sde(cond[c], cfg.train_steps, cfg.cfg_scale, None if negative is None else negative[c],
                                   cfg.noise_level, sde_steps=cfg.sde_steps, noise=None if noise is None else noise[c])
                  for c in chunks]

@@ -5,7 +5,13 @@ adapters off, projector, DiT) redraws the image from each caption; the reward is
 with f the reward CLIP. Captions that let the decoder rebuild the image better get positive group-
 relative advantages, so the encoder learns to say what it used to leave out (DESIGN §4.4). The adapters
 are merged into the one LLM that also encodes captions for the decoder, so a penalty on the drift of
-that conditioning (condition_drift) keeps the decoder's input where pretraining left it.
+that conditioning (condition_drift) keeps the decoder's input where pretraining left it. Unanchored, on
+the first world GenEval-shapes from the true captions fell 0.44 -> 0.16 after 120 steps while the reward
+rose; with anchor_weight 1 it ended at 0.38 (relative drift 0.002).
+
+Memory (paper scale, plan.py): micro_batch sets how many captions go through one forward/backward in the
+update, each with its share of the drift anchor (backpropagated with it, so the anchor's activations are
+bounded by a micro-batch too), and how many the frozen decoder draws at once in the rollout.
 
     python grpo_encoder.py
     torchrun --standalone --nproc_per_node=2 grpo_encoder.py
@@ -30,7 +36,7 @@ import model as M
 import shapes
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, group_reward_stats,
-    NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, start_run)
+    micro_slices, NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
@@ -55,7 +61,7 @@ config = dict(
     images_per_step=8,  # B source images per step (global; each group lives on one rank)
     group_size=8,  # G captions per image
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
-    micro_batch=0,  # captions per teacher-forced forward/backward in the update (0 = the rank's all; paper: memory)
+    micro_batch=0,  # captions per forward/backward in the update (with their share of the drift anchor) and per decoder pass in the rollout (0 = the rank's all; paper: memory)
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     decode_steps=10,  # Euler steps of the frozen decoder
     cfg_scale=1.0,  # guidance of the frozen decoder's reward renders (val: 1.0 scored +2.8 Unified-Score over 1.25 at 25% less time per step; RESULTS.md)
@@ -93,7 +99,10 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
         reference = model.condition(anchor_texts, allow_cut=True)
         cond = reference[:-1]
         negative = reference[-1:].expand(len(cond), -1, -1) if cfg.cfg_scale != 1.0 else None
-        recon = model.decode_latents(model.sample_ode(cond, cfg.decode_steps, cfg.cfg_scale, negative))
+        noise = torch.randn(model.latent_shape(len(cond)), device=rt.device)  # drawn whole: micro-batches do not change it
+        recon = torch.cat([model.decode_latents(model.sample_ode(cond[c], cfg.decode_steps, cfg.cfg_scale,
+                                                                 None if negative is None else negative[c], noise=noise[c]))
+                           for c in micro_slices(len(cond), cfg.micro_batch)])
     t2 = time.time()
     sources = images.repeat_interleave(cfg.group_size, 0).float().div(255).to(rt.device)
     rewards = reward_fn.reconstruction_reward(sources, recon, keys=[k for k in keys for _ in range(cfg.group_size)])
@@ -103,21 +112,14 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
             "seconds": {"caption": t1 - t0, "decode": t2 - t1, "reward": time.time() - t2}}
 
 
-def condition_drift(model, rt, texts, reference) -> torch.Tensor:
-    """model.condition_drift of the policy's conditioning of `texts` from the frozen one. Measured here
-    (first world): unanchored, GenEval-shapes from the true captions fell 0.44 -> 0.16 after 120 steps
-    while the reward rose; with anchor_weight 1 it ended at 0.38 (relative drift 0.002)."""
-    with rt.autocast():
-        return M.condition_drift(model.condition(texts, allow_cut=True), reference)
-
-
 def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
     """mu clipped-surrogate updates on one rollout (+ the anchor on the decoder's conditioning), each over
-    micro-batches of captions whose losses add up to the whole batch's; returns loss stats (fp32)."""
+    micro-batches of captions whose losses add up to the whole batch's. Each micro-batch also carries its
+    rows of the anchor set (its captions; the last also the "": UAE.drift), backpropagated with it, so no
+    micro-batch holds the whole set's activations. Returns loss stats (fp32)."""
     captions = out["captions"]
     mask = captions.mask.float()
-    size = cfg.micro_batch or len(mask)
-    slices = [slice(i, i + size) for i in range(0, len(mask), size)]
+    slices = micro_slices(len(mask), cfg.micro_batch)
     chunks = [captions.rows(rows) for rows in slices]
     old = ref = [None] * len(chunks)
     if cfg.mu > 1:  # stored old log-probs, teacher-forced before any update
@@ -129,10 +131,11 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
     tokens_per_rank = all_reduce_mean(mask.sum())  # "token" aggregation over every rank's captions (grpo_loss)
     for _ in range(cfg.mu):
         opt.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-        drift = condition_drift(model, rt, out["anchor_texts"], out["reference_condition"])
-        for k, (rows, c, c_old, c_ref) in enumerate(zip(slices, chunks, old, ref)):
+        totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "drift": 0.0}
+        for rows, anchors, c, c_old, c_ref in zip(slices, M.anchor_slices(slices), chunks, old, ref):
             m = c.mask.float()
+            with rt.autocast():  # a region of its own: autocast's cached bf16 copies of the adapters are not shared
+                drift = model.drift(out["anchor_texts"], out["reference_condition"], anchors, allow_cut=True)
             with rt.autocast():
                 logp = model.caption_logprobs(c.prompt, c.ids, cfg.temperature)
             logp = torch.where(m.bool(), logp, 0.0)
@@ -142,19 +145,19 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
                                       return_stats=True, tokens_per_rank=tokens_per_rank)
             if cfg.aggregation == "sequence":  # a chunk's mean over its rows, weighted to the batch's mean
                 loss = loss * (len(c.ids) / len(mask))
-            if k == len(chunks) - 1:  # the anchor once per update, with the last chunk
-                loss = loss + cfg.anchor_weight * drift
+            loss = loss + cfg.anchor_weight * drift  # this micro-batch's share of the anchor
             if not all_finite(loss):
-                return {**totals, "drift": drift.detach(), "finite": False}
+                return {**totals, "finite": False}
             loss.backward()
             share = m.sum() / mask.sum().clamp(min=1)  # the stats are token means over the whole batch
             totals["loss"] = totals["loss"] + loss.detach()
             totals["kl"] = totals["kl"] + stats["kl"] * share
             totals["clip_fraction"] = totals["clip_fraction"] + stats["clip_fraction"] * share
+            totals["drift"] = totals["drift"] + drift.detach()
         all_reduce_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-    return {**totals, "drift": drift.detach(), "finite": True}
+    return {**totals, "finite": True}
 
 
 def main(argv=None):

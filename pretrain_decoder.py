@@ -36,7 +36,7 @@ import model as M
 import shapes
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, full_tensor, like_param, lr_at,
-    load_optimizer_state, NonFiniteGuard, reshard, save_checkpoint, set_rng_state, shard, start_run)
+    load_optimizer_state, micro_slices, NonFiniteGuard, reshard, save_checkpoint, set_rng_state, shard, start_run)
 from configurator import configure
 from data import load_images, read_jsonl
 
@@ -316,10 +316,8 @@ def main(argv=None):
         sigma = shift * sigma / (1 + (shift - 1) * sigma)
         noise = torch.randn_like(x0)
         opt.zero_grad(set_to_none=True)
-        micro = cfg.micro_batch or local_batch
         losses = []
-        for i in range(0, local_batch, micro):  # each chunk's loss weighted by its share: the batch's mean gradient
-            part = slice(i, i + micro)
+        for part in micro_slices(local_batch, cfg.micro_batch):  # each chunk's loss weighted by its share: the batch's mean gradient
             with rt.autocast(training=True):
                 loss = loss_fn(model, x0[part], h[part], sigma[part], noise[part], cfg.loss_space) * len(x0[part]) / local_batch
             with rt.attention_kernel(training=True):  # grad_checkpointing recomputes blocks in here

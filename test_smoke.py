@@ -1643,6 +1643,37 @@ def test_grpo_encoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
         torch.testing.assert_close(split, whole_grad, atol=1e-6, rtol=1e-4)
 
 
+def test_grpo_encoder_drift_anchor_per_micro_batch_gives_the_whole_set_gradient(tiny_world, monkeypatch):
+    """The drift anchor runs and backpropagates with each micro-batch (its captions' rows; the "" with the
+    last): its gradient and value equal the whole anchor set's, conditioned in one pass and backpropagated
+    once as before (advantages 0 and beta 0 leave the anchor alone in the gradient), while no pass with
+    gradients conditions more than a micro-batch's texts (+ the "")."""
+    import grpo_encoder
+    from configurator import configure
+    rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
+    cfg = configure(grpo_encoder.config, ["--group_size=3", "--max_new_tokens=8", "--decode_steps=2", "--compile=False"])
+    out = grpo_encoder.rollout(model, rt, reward_fn, load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2]), [0, 1], cfg)
+    assert len(out["anchor_texts"]) == 7
+    model.zero_grad(set_to_none=True)
+    with rt.autocast():  # the anchor as it was: the whole set at once
+        whole = M.condition_drift(model.condition(out["anchor_texts"], allow_cut=True), out["reference_condition"])
+    (2.0 * whole).backward()
+    expected = [p.grad.clone() for p in params]
+    assert whole > 0 and any(g.abs().max() > 0 for g in expected)
+    sizes, real = [], M.UAE.condition
+    monkeypatch.setattr(M.UAE, "condition", lambda self, texts, *a, **k: (
+        sizes.append(len(texts)) if torch.is_grad_enabled() else None, real(self, texts, *a, **k))[1])
+    for micro, passes in ((0, [7]), (4, [4, 3]), (1, [1, 1, 1, 1, 1, 2])):
+        sizes.clear()
+        opt = torch.optim.SGD(params, lr=0.0)
+        stats = grpo_encoder.policy_step(model, rt, opt, params, out, torch.zeros(6), configure(grpo_encoder.config, [
+            "--group_size=3", f"--micro_batch={micro}", "--beta=0", "--anchor_weight=2.0", "--grad_clip=1e9"]))
+        assert stats["finite"] and sizes == passes  # texts per conditioning pass with gradients
+        torch.testing.assert_close(stats["drift"], whole.detach(), atol=1e-7, rtol=1e-5)
+        for g, ref in zip((p.grad for p in params), expected):
+            torch.testing.assert_close(g, ref, atol=1e-7, rtol=1e-4)
+
+
 def test_grpo_encoder_two_process_gloo_resumes_exactly(tiny_world, tmp_path):
     from safetensors.torch import load_file
 
