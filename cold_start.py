@@ -23,11 +23,12 @@ Memory (paper scale, plan.py): the backward goes through every sampler step, the
 backbone, so a step runs in micro-batches of images (micro_batch), each with its captions, its share of the
 sampler's noise and of the anchor texts, backpropagated alone (the gradients add up to the whole batch's);
 grad_checkpointing recomputes each DiT block in the backward instead of keeping its activations for all
-sample_steps; weights_dtype loads the frozen LLM and VAE in bf16 while the trained decoder stays fp32.
+sample_steps (and each block of the VAE decoder); weights_dtype loads the frozen LLM and VAE in bf16 while the trained decoder stays fp32.
 
     python cold_start.py
     torchrun --standalone --nproc_per_node=2 cold_start.py
 """
+import contextlib
 import os
 import sys
 import time
@@ -60,7 +61,7 @@ config = dict(
     max_steps=60,  # optimizer steps
     batch_size=16,  # global batch (split over ranks)
     micro_batch=0,  # images per forward/backward on a rank (0 = the rank's whole batch); gradients accumulate to the batch's (paper: memory)
-    grad_checkpointing=False,  # recompute each DiT block in the backward instead of keeping its activations through every sampler step (paper scale)
+    grad_checkpointing=False,  # recompute each DiT block (through every sampler step) and each VAE decoder block in the backward instead of keeping their activations (paper scale)
     sample_steps=4,  # steps of the differentiable sampler (released code: 10)
     temperature=0.7,  # sampling temperature of the captions read back
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
@@ -88,25 +89,43 @@ def backward(model, rt, backbone, captions: M.Captions, source, anchor_texts, re
     """Backpropagate the step's loss in micro-batches of images: each with its captions, its rows of the
     sampler's noise (drawn whole, so the split does not change it) and its anchor texts (the last also
     takes the ""), its terms weighted by their share of the batch so that the gradients add up to the
-    whole batch's. The backward runs under the training attention kernel: grad_checkpointing recomputes
-    DiT blocks there. Returns the loss and its terms, summed over the micro-batches."""
+    whole batch's. With micro-batches (micro_batch > 0) each term, the caption cross-entropy, the
+    reconstruction through the sampler and the anchor, is also built in an autocast region of its own and
+    backpropagated before the next, so a GPU holds one term's activations at a time; micro_batch 0 runs the
+    whole batch's sum in one region and one backward, as the shapes-world runs always did. Backwards run
+    under the training attention kernel: grad_checkpointing recomputes blocks there. Returns the loss and
+    its terms, summed over the micro-batches."""
     n = len(captions.texts)
     tokens = captions.mask.bool().sum()
     parts = micro_slices(n, cfg.micro_batch)
+    split = cfg.micro_batch > 0
+
+    def backpropagate(t: torch.Tensor):
+        with rt.attention_kernel(training=True):
+            t.backward()
+
     totals = {"loss": 0.0, "similarity": 0.0, "ce": 0.0, "drift": 0.0}
     for rows, anchors in zip(parts, M.anchor_slices(parts)):
         c = captions.rows(rows)
-        with rt.autocast(training=True):
-            logp = model.caption_logprobs(c.prompt, c.ids, 1.0)
-            cond = decoder_condition(model, c)
-            x_hat = model.decode_latents(model.sample_ode(cond, cfg.sample_steps, noise=noise[rows]))
-            drift = model.drift(anchor_texts, reference, anchors)
-        similarity = cosine(backbone(x_hat), source[rows])
-        ce = -torch.where(c.mask.bool(), logp, 0.0).sum() / tokens
         share = len(c.texts) / n
+        with contextlib.nullcontext() if split else rt.autocast(training=True):  # whole: one region (nested ones join it)
+            with rt.autocast(training=True):
+                logp = model.caption_logprobs(c.prompt, c.ids, 1.0)
+            if split:
+                ce = -torch.where(c.mask.bool(), logp, 0.0).sum() / tokens
+                backpropagate(cfg.ce_weight * ce)
+            with rt.autocast(training=True):
+                x_hat = model.decode_latents(model.sample_ode(decoder_condition(model, c), cfg.sample_steps, noise=noise[rows]))
+            if split:
+                similarity = cosine(backbone(x_hat), source[rows])
+                backpropagate((1 - similarity).mean() * share)
+            with rt.autocast(training=True):
+                drift = model.drift(anchor_texts, reference, anchors)
+        if not split:
+            similarity = cosine(backbone(x_hat), source[rows])
+            ce = -torch.where(c.mask.bool(), logp, 0.0).sum() / tokens
         loss = (1 - similarity).mean() * share + cfg.ce_weight * ce + cfg.anchor_weight * drift
-        with rt.attention_kernel(training=True):
-            loss.backward()
+        backpropagate(cfg.anchor_weight * drift if split else loss)
         for k, v in (("loss", loss), ("similarity", similarity.mean() * share), ("ce", ce), ("drift", drift)):
             totals[k] = totals[k] + v.detach()
     return totals
@@ -128,6 +147,7 @@ def main(argv=None):
     broadcast_from_master(lora + decoder_params)  # one model on every rank (per-rank seeds drew the random inits)
     if cfg.grad_checkpointing:  # the differentiable sampler calls the DiT sample_steps times: each call's blocks
         model.transformer.enable_gradient_checkpointing()
+        model.vae.enable_gradient_checkpointing()  # the 1024^2 decode with grad: ~19 GB an image kept, ~10 recomputed
     if cfg.fsdp:
         shard(decoder, rt.dtype)
         decoder_params = [p for m in decoder for p in m.parameters()]

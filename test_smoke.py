@@ -1723,9 +1723,10 @@ def test_cold_start_conditions_the_decoder_on_caption_text_only(tiny_world):
 
 
 def test_cold_start_micro_batches_and_checkpointing_give_the_whole_batch_gradient(tiny_world):
-    """cold_start.backward over micro-batches of images (3 + 1: uneven shares; the "" anchor with the last),
-    with and without DiT-block checkpointing through the differentiable sampler, gives the whole batch's
-    loss and gradients on the adapters, projector and DiT (fp32)."""
+    """cold_start.backward over micro-batches of images (4: each term backpropagated on its own; 3 + 1: uneven
+    shares, the "" anchor with the last), with and without checkpointing (DiT blocks through the differentiable
+    sampler, VAE decoder blocks), gives the whole batch's loss and gradients on the adapters, projector and DiT
+    (fp32)."""
     import cold_start
     from configurator import configure
     rt, model, adapters, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
@@ -1742,19 +1743,24 @@ def test_cold_start_micro_batches_and_checkpointing_give_the_whole_batch_gradien
     model.train()
     noise = torch.randn(model.latent_shape(4))
     source = reward_fn.source_features(x.float().div(255), [0, 1, 2, 3])
-    results, block_calls = [], []
-    hook = model.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: block_calls.append(1))
-    for micro, checkpointing in ((0, False), (3, False), (3, True)):
+    results, block_calls, vae_calls = [], [], []
+    hooks = [model.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: block_calls.append(1)),
+             model.vae.decoder.up_blocks[-1].register_forward_pre_hook(lambda *_: vae_calls.append(1))]
+    for micro, checkpointing in ((0, False), (4, False), (3, False), (3, True)):
         if checkpointing:
             model.transformer.enable_gradient_checkpointing()
+            model.vae.enable_gradient_checkpointing()
         model.zero_grad(set_to_none=True)
-        block_calls.clear()
+        block_calls.clear(), vae_calls.clear()
         cfg = configure(cold_start.config, ["--sample_steps=2", f"--micro_batch={micro}", "--ce_weight=0.5", "--anchor_weight=3.0"])
         stats = cold_start.backward(model, rt, reward_fn.backbone, captions, source, anchor_texts, reference, noise, cfg)
         results.append((stats, [p.grad.clone() for p in adapters + decoder]))
-        assert len(block_calls) == 2 * (1 if micro == 0 else 2) * (2 if checkpointing else 1)  # steps x parts (x recompute)
-    hook.remove()
+        parts, recompute = len(common.micro_slices(4, micro)), (2 if checkpointing else 1)
+        assert len(block_calls) == 2 * parts * recompute and len(vae_calls) == parts * recompute  # (sampler steps x) parts
+    for hook in hooks:
+        hook.remove()
     model.transformer.disable_gradient_checkpointing()
+    model.vae.disable_gradient_checkpointing()
     (whole, whole_grads), parts = results[0], results[1:]
     assert whole["drift"] > 0 and all(g.abs().max() > 0 for g in (whole_grads[0], whole_grads[-1]))  # adapters and DiT both learn
     for stats, grads in parts:
