@@ -158,26 +158,38 @@ def dit_block_saved(d: int, heads: int, mlp: int, s_img: int, s_txt: int, mode: 
 
 
 def dit_activations(tcfg: dict, batch: int, s_img: int, s_txt: int, mode: str = "full", checkpointing: bool = False,
-                    lora_r: int = 0, projector_hidden: int = 0, llm_hidden: int = 0, rules: Rules = Rules()) -> float:
+                    lora_r: int = 0, projector_hidden: int = 0, llm_hidden: int = 0, rules: Rules = Rules(),
+                    steps: int = 1, held_grads: float = 0) -> float:
     """Peak activation bytes of one DiT training forward + backward on `batch` samples: what the blocks save
     (or, with activation checkpointing, each block's two input streams plus one recomputed block at a time)
     plus the backward's working set, the gradients of a block's output and input streams (2 a d per token:
     the backward frees each block's saved tensors as it goes, measured in test_smoke.py -k plan).
     Outside the blocks (full mode): the projector (its input, GELU input and output per text token), the
-    context embedder's input and the output norm and projection of the image stream."""
+    context embedder's input and the output norm and projection of the image stream. `steps` DiT forwards
+    backpropagated together (cold_start's differentiable sampler: each step's saved tensors, or with
+    checkpointing its blocks' inputs, live until the one backward; the recomputed block, the working set and
+    the projector, run once before the sampler, are counted once). With steps > 1 a weight used at every step
+    has its gradient summed in the backward's buffer from the last step's backward to the first's:
+    `held_grads` bytes (the trained DiT's gradient in the compute dtype, unsharded), beside the first steps'
+    activations once the last step's are freed; the peak is the larger of that moment and the backward's
+    start (measured: without it, 2 checkpointed steps came out 40% low)."""
     d, heads = tcfg["num_attention_heads"] * tcfg["attention_head_dim"], tcfg["num_attention_heads"]
     layers, a, n = tcfg["num_layers"], BF16, rules.norm
     kw = dict(d=d, heads=heads, mlp=4, s_img=s_img, s_txt=s_txt, mode=mode, lora_r=lora_r, rules=rules)
     first, middle = dit_block_saved(input_grad=mode == "full", **kw), dit_block_saved(**kw)
     blocks = [first] + [middle] * (layers - 2) + [dit_block_saved(last=True, **kw)]
     outside = s_img * (n * d + 2 * n)  # norm_out's input
+    projector = 0
     if mode == "full":
         outside += s_img * (n * d + a * d) + s_txt * (a * tcfg["joint_attention_dim"])
-        outside += s_txt * a * (llm_hidden + 2 * projector_hidden)
+        projector = s_txt * a * (llm_hidden + 2 * projector_hidden)
     working = 2 * a * d * (s_img + s_txt)
     if checkpointing:  # kept: each block's inputs (both streams); the backward recomputes one block at a time
-        return batch * (layers * a * d * (s_img + s_txt) + outside + middle + working)
-    return batch * (sum(blocks) + outside + working)
+        kept, once = layers * a * d * (s_img + s_txt) + outside, projector + middle + working
+    else:
+        kept, once = sum(blocks) + outside, projector + working
+    start = batch * (steps * kept + once)
+    return max(start, held_grads + batch * ((steps - 1) * kept + once)) if steps > 1 else start
 
 
 def llm_layer_saved(d: int, f: int, heads: int, r: int, input_grad: bool = True) -> float:
@@ -219,21 +231,24 @@ def dit_inference_peak(tcfg: dict, batch: int, s_img: int, s_txt: int) -> float:
     return batch * (s_img + s_txt) * BF16 * d * 14
 
 
-def vae_decode_peak(vcfg: dict, batch: int, size: int, grad: bool = False) -> float:
+def vae_decode_peak(vcfg: dict, batch: int, size: int, grad: bool = False, checkpointing: bool = False) -> float:
     """Estimate (not checked): an AutoencoderKL decode at size x size. No grad: the widest full-resolution
     moment, the first resnet of the last up block reading c = block_out_channels[1] channels: its input (a c),
     the fp32 GroupNorm output and SiLU (4 c each, CUDA autocast) and the conv's bf16 input (a c), ~12 c bytes
     per pixel. With grad (cold_start): each resnet saves its input, both GroupNorms' fp32 in/out, both SiLU
     inputs and both convs' inputs, ~22 c bytes per pixel of its resolution, summed over the up path's
-    resnets (3 per resolution) and upsamplers."""
+    resnets (3 per resolution) and upsamplers. With checkpointing (diffusers' Decoder: the mid block and
+    each up block recomputed in the backward): every block's input (a c per pixel of its resolution) plus
+    the largest block's saved tensors, recomputed one block at a time."""
     ch = vcfg["block_out_channels"]
     if not grad:
         return batch * size * size * 12 * ch[1]
-    per_pixel, res = 0.0, size
+    blocks, inputs, frac = [], 0.0, 1.0
     for c in ch:  # up path: ch[0] at full size, ch[1] at half, ...
-        per_pixel += (vcfg["layers_per_block"] + 1) * 22 * c * (res * res) / (size * size) + BF16 * c
-        res //= 2
-    return batch * size * size * per_pixel
+        blocks.append((vcfg["layers_per_block"] + 1) * 22 * c * frac + BF16 * c)
+        inputs += BF16 * c * frac
+        frac /= 4
+    return batch * size * size * ((max(blocks) + inputs) if checkpointing else sum(blocks))
 
 
 def clip_vision_activations(ccfg: dict, batch: int) -> float:
@@ -380,13 +395,15 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
                                     llm_forward_flops(llm, 1, s_txt) + vae_flops(vae, 1, size, decode=False))
         p.notes.append("LLM and VAE encode each batch under no_grad (cache_features=False)")
 
-    elif stage == "cold_start":  # UAE.load in fp32 (no weights_dtype key); LoRA on the text model, DiT trained
+    elif stage == "cold_start":  # frozen LLM and VAE in weights_dtype; LoRA on the text model, projector + DiT trained (fp32)
+        wb = getattr(torch, cfg.weights_dtype).itemsize
         local = cfg.batch_size // ranks
-        p.micro_batch = local  # no micro_batch key: the rank's whole batch in one backward
+        micro = cfg.micro_batch or local
+        p.micro_batch = micro
         lora = lora_params(llm.model.language_model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                       "down_proj"], cfg.lora_r)
         trained = n_dit + proj
-        frozen = frozen_bytes(4, llm, vae) + dit_buffers * 4 + reward
+        frozen = frozen_bytes(wb, llm, vae) + dit_buffers * 4 + reward  # UAE.load(decoder_dtype=float32)
         if fsdp:
             p.sharded = True
             p.weights = frozen + 4 * lora + 4 * trained / ranks
@@ -396,20 +413,28 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         else:
             p.weights, p.grads, p.optimizer = frozen + 4 * (lora + trained), 4 * (lora + trained), 8 * (lora + trained)
         text_linear = count(llm.model.language_model) - count(llm.model.language_model.embed_tokens)
-        autocast_copies = BF16 * text_linear * 3 + (0 if fsdp else BF16 * trained)  # estimate: fp32 weights cast per use
-        p.activations = (llm_activations(qcfg, local, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1) +
-                         llm_activations(qcfg, 2 * local + 1, s_txt, cfg.lora_r) +  # captions + anchors ("" too)
-                         dit_activations(tcfg, local, s_img, s_txt, "full", False, projector_hidden=projector_hidden,
-                                         llm_hidden=text.hidden_size, rules=rules) * cfg.sample_steps +
-                         vae_decode_peak(vae.config, local, size, grad=True) +
-                         clip_vision_activations(CLIP_VIT_L14, local) + autocast_copies)
+        autocast_copies = (BF16 * text_linear * 3 if wb == 4 else 0) + (0 if fsdp else BF16 * trained)  # estimate: fp32 weights cast per use
+        caption = llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1)  # log-probs
+        anchor = llm_activations(qcfg, micro + 1, s_txt, cfg.lora_r)  # its rows of the anchor set ("" with the last)
+        reconstruction = (llm_activations(qcfg, micro, s_txt, cfg.lora_r) +  # the captions' conditioning
+                          dit_activations(tcfg, micro, s_img, s_txt, "full", cfg.grad_checkpointing,
+                                          projector_hidden=projector_hidden, llm_hidden=text.hidden_size, rules=rules,
+                                          steps=cfg.sample_steps, held_grads=BF16 * n_dit) +
+                          vae_decode_peak(vae.config, micro, size, grad=True, checkpointing=cfg.grad_checkpointing) +
+                          clip_vision_activations(CLIP_VIT_L14, micro))
+        terms = (caption, anchor, reconstruction)  # micro_batch > 0: each term backpropagated on its own (backward)
+        p.activations = (max(terms) if cfg.micro_batch else sum(terms)) + autocast_copies
         p.no_grad = 0
         p.flops = cfg.batch_size * (llm_forward_flops(llm, 1, prompt + caption_tokens, caption_tokens, patches) +
                                     llm_forward_flops(llm, 1, prompt + caption_tokens, caption_tokens) * 2 +
                                     llm_forward_flops(llm, 2, s_txt) * 3 +
-                                    fwd_dit(1, cfg.sample_steps) * 3 + vae_flops(vae, 1, size) * 2)
-        p.notes.append("the DiT's 10 sampler steps, the VAE decode and CLIP all keep their activations (no "
-                       "micro_batch, no checkpointing); VAE, CLIP and autocast-copy terms are estimates")
+                                    fwd_dit(1, cfg.sample_steps) * (4 if cfg.grad_checkpointing else 3) +
+                                    vae_flops(vae, 1, size) * (3 if cfg.grad_checkpointing else 2))
+        p.notes.append(f"the DiT's {cfg.sample_steps} sampler steps, the VAE decode and CLIP backpropagated together per "
+                       f"micro-batch of {micro} image(s)" + (", apart from the caption and anchor terms" if cfg.micro_batch else "") +
+                       f", the DiT's gradient held in bf16 across the steps ({BF16 * n_dit / GB:.1f} GB)" + (", DiT and VAE decoder blocks recomputed (grad_checkpointing)"
+                                                             if cfg.grad_checkpointing else ", every activation kept") +
+                       "; VAE, CLIP and autocast-copy terms are estimates; captioning the rank's batch (no grad) not counted")
 
     elif stage == "grpo_encoder":  # LoRA on the text model; everything else frozen in weights_dtype
         wb = getattr(torch, cfg.weights_dtype).itemsize
@@ -420,16 +445,18 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
                                                       "down_proj"], cfg.lora_r)
         p.weights = frozen_bytes(wb, llm, dit, vae) + 4 * proj + 4 * lora + reward
         p.grads, p.optimizer = 4 * lora, 8 * lora
-        p.activations = llm_activations(qcfg, local + 1, s_txt, cfg.lora_r) + \
-            llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1)
+        p.activations = llm_activations(qcfg, micro + 1, s_txt, cfg.lora_r) + \
+            llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1)  # anchor rows ("" with the last) + log-probs
         cfg_batch = 2 if cfg.cfg_scale != 1.0 else 1
-        p.no_grad = max(dit_inference_peak(tcfg, cfg_batch * local, s_img, s_txt), vae_decode_peak(vae.config, local, size))
+        p.no_grad = max(dit_inference_peak(tcfg, cfg_batch * micro, s_img, s_txt), vae_decode_peak(vae.config, micro, size))
         p.flops = cfg.images_per_step * cfg.group_size * (
             llm_forward_flops(llm, 1, prompt + caption_tokens, 0, patches) + llm_forward_flops(llm, 1, s_txt) +
             fwd_dit(cfg_batch, cfg.decode_steps) + vae_flops(vae, 1, size) +
             llm_forward_flops(llm, 1, prompt + caption_tokens, caption_tokens) * (1 + 2) +  # reference + policy
             llm_forward_flops(llm, 1, s_txt) * 2)  # the drift anchor's forward + backward
-        p.notes.append("rollout: G captions per image sampled, decoded by the frozen DiT and VAE all at once")
+        p.notes.append(f"the drift anchor per micro-batch of {micro} caption(s) with its update; rollout: the rank's "
+                       f"{local} captions sampled at once (KV cache not counted), drawn by the frozen DiT and VAE {micro} "
+                       f"at a time")
 
     elif stage == "grpo_decoder":  # LoRA on the DiT's attention; everything else frozen in weights_dtype
         wb = getattr(torch, cfg.weights_dtype).itemsize
@@ -449,7 +476,7 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
                                            llm_forward_flops(llm, 1, s_txt)) + \
             cfg.captions_per_step * cfg.group_size * (fwd_dit(cfg_batch, cfg.train_steps) + vae_flops(vae, 1, size) +
                                                       fwd_dit(cfg_batch, chosen) * (2 + 1))  # policy fwd+bwd, reference
-        p.notes.append("micro_batch 0: every trajectory of a rank in one DiT batch (sampling, VAE and update)")
+        p.notes.append(f"{micro} of the rank's {local} trajectories per DiT batch (sampling, VAE and update)")
 
     elif stage == "eval":  # one process; every part in weights_dtype; four judges (fp32, ViT-L each)
         wb = getattr(torch, cfg.weights_dtype).itemsize

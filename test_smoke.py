@@ -1470,7 +1470,7 @@ def test_paper_configs_run_every_stage_on_a_folder_of_mixed_images(paper_uae, ti
     tiny = [f"--reward_backbone=hf:{tmp_path / 'clip'}", "--image_size=0", "--lora_r=4", "--lora_alpha=8",
             "--max_new_tokens=4", "--max_steps=2", "--threads=2"]
     cold_start.main([paper("cold_start"), f"--data_dir={captioned}", f"--init_from={ckpt}", f"--out_dir={tmp_path / 'cs'}",
-                     "--batch_size=2", "--sample_steps=2"] + tiny)
+                     "--batch_size=2", "--sample_steps=2", "--fsdp=False"] + tiny)  # one process: FSDP needs torchrun
     grpo_encoder.main([paper("grpo_encoder"), f"--data_dir={data}", f"--init_from={tmp_path / 'cs'}", f"--out_dir={tmp_path / 'enc'}",
                        "--images_per_step=2", "--group_size=2", "--decode_steps=2", "--probe_n=2", "--compile=False"] + tiny)
     grpo_decoder.main([paper("grpo_decoder"), f"--data_dir={data}", f"--init_from={tmp_path / 'enc'}", f"--out_dir={tmp_path / 'dec'}",
@@ -2400,12 +2400,14 @@ def _plan_tiny_models():
         return plan.build_models(PLAN_TINY_QWEN, PLAN_TINY_DIT, _tiny_vae().config, clip=None, device="cpu")
 
 
-@pytest.mark.parametrize("mode,checkpointing", [("full", False), ("full", True), ("lora", False)])
-def test_plan_dit_activations_match_measured_storages(mode, checkpointing):
+@pytest.mark.parametrize("mode,checkpointing,steps", [("full", False, 1), ("full", True, 1), ("lora", False, 1),
+                                                      ("full", False, 2), ("full", True, 2)])
+def test_plan_dit_activations_match_measured_storages(mode, checkpointing, steps):
     """The plan's DiT activation model (per-op saved bytes; CPU rules: norms in bf16) against the storages a
     real training forward + backward of a 4-block SD3 MM-DiT keeps alive at its peak: pretrain_decoder's
-    (projector + DiT trained, with and without activation checkpointing) and grpo_decoder's (LoRA on the
-    attention, base frozen, inputs without gradients)."""
+    (projector + DiT trained, with and without activation checkpointing), grpo_decoder's (LoRA on the
+    attention, base frozen, inputs without gradients) and cold_start's (2 Euler steps of the sampler
+    backpropagated together, with and without checkpointing)."""
     import plan
     dit = _plan_tiny_models()["transformer"].to(torch.bfloat16)
     llm_hidden, projector_hidden, b, s_txt = 48, 96, 3, 12
@@ -2421,16 +2423,19 @@ def test_plan_dit_activations_match_measured_storages(mode, checkpointing):
         dit.enable_gradient_checkpointing()
 
     def step():
-        c = projector(hidden) if mode == "full" else cond
-        return dit(hidden_states=x, encoder_hidden_states=c, pooled_projections=pooled, timestep=t).sample.float().pow(2).mean()
+        c, z = (projector(hidden) if mode == "full" else cond), x
+        for _ in range(steps):
+            z = z - 0.5 * dit(hidden_states=z, encoder_hidden_states=c, pooled_projections=pooled, timestep=t).sample
+        return z.float().pow(2).mean()
     measured = _measured_activations([dit, projector], [x, hidden, pooled, t], step)
     s_img = (16 // 2) ** 2
     predicted = plan.dit_activations(PLAN_TINY_DIT, b, s_img, s_txt, mode, checkpointing, lora_r=4,
                                      projector_hidden=projector_hidden if mode == "full" else 0, llm_hidden=llm_hidden,
-                                     rules=plan.Rules(norm_fp32=False))
+                                     rules=plan.Rules(norm_fp32=False), steps=steps,
+                                     held_grads=plan.BF16 * plan.count(dit) if mode == "full" else 0)
     if mode == "full":  # autocast's cached bf16 copy of the fp32 projector (plan_stage adds it too)
         predicted += plan.BF16 * plan.count(projector)
-    print(f"{mode} checkpointing={checkpointing}: measured {measured} B, predicted {predicted:.0f} B")
+    print(f"{mode} checkpointing={checkpointing} steps={steps}: measured {measured} B, predicted {predicted:.0f} B")
     assert abs(predicted - measured) <= 0.2 * measured
 
 

@@ -13,6 +13,7 @@ lr = 3e-4  # [F]
 max_steps = 300  # [-]
 captions_per_step = 48  # [F] 48 prompts per epoch
 group_size = 24  # [F] images per prompt
+micro_batch = 1  # [-] memory: 144 trajectories per rank (6 captions x 24), one per DiT batch of 2 (CFG) in sampling and update (python plan.py: ~64 GB per GPU; 2: ~102, all at once: ~5.5 TB)
 greedy_captions = True  # [-]
 max_new_tokens = 0  # [R] the release caps captions at 512 new tokens; 0 = the decoder's 512-token window minus the generate-turn prefix, the most that reaches the decoder whole (model.caption_cap refuses more)
 train_steps = 10  # [F] denoising reduction: 10 sampling steps in training
