@@ -115,6 +115,25 @@ def save_lora(module: nn.Module, directory: str, r: int, alpha: float, base_path
                    "base_model_name_or_path": base_path, "init_lora_weights": "gaussian"}, f, indent=1)
 
 
+@torch.no_grad()
+def merge_lora(module: nn.Module, directory: str):
+    """Add an adapter saved by save_lora into its base layers for good, W += alpha / r * B A, as
+    LoRALinear.merged computes it (so a LoRA stage's checkpoint holds only its adapter, and loading it
+    gives the same weights a merged copy would)."""
+    path = os.path.join(directory, "lora.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: adapter missing (the checkpoint's model.json lists it under \"adapters\")")
+    with open(os.path.join(directory, "adapter_config.json")) as f:
+        config = json.load(f)
+    state, scale = load_file(path), config["lora_alpha"] / config["r"]
+    for name in sorted({key.rsplit(".lora_", 1)[0] for key in state}):
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError:
+            raise KeyError(f"{path}: adapter for '{name}' but {type(module).__name__} has no such layer") from None
+        layer.weight += (state[f"{name}.lora_B"] @ state[f"{name}.lora_A"] * scale).to(layer.weight.dtype)
+
+
 def load_lora(module: nn.Module, directory: str):
     state = load_file(os.path.join(directory, "lora.safetensors"))
     layers = lora_layers(module)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from data import to_uint8_hwc
-from lora import inject_lora, lora_layers, lora_merged, save_lora
+from lora import inject_lora, lora_layers, lora_merged, merge_lora, save_lora
 
 # ============================================================================ the auto-encoder
 
@@ -123,6 +123,7 @@ class UAE(nn.Module):
         self.prediction = "velocity"  # what the DiT outputs: "velocity" (SD3) or "sample" (x0; see velocity())
         self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
         self.lora = {}  # part -> {"r", "alpha"} of the adapters injected into llm / transformer
+        self.adapters = {}  # part -> saved adapter directories merged into it on loading (save: model.json "adapters")
         # A caption may not contain image/vision/chat-control tokens (an image pad in a completion would
         # break the teacher-forced forward); eos stays allowed. Applied to sampling and scoring alike.
         self.banned_token_ids = sorted(set(self.tokenizer.all_special_ids) - {self.tokenizer.eos_token_id})
@@ -218,23 +219,33 @@ class UAE(nn.Module):
     PARTS = ("llm", "processor", "transformer", "vae", "scheduler")
 
     def save(self, directory: str, trained=PARTS):
-        """Write the `trained` parts in their standard layouts (adapters merged), the projector and
-        pooled vector as safetensors, and model.json naming where every other part lives, so a stage
-        re-saves only what it changed. Adapters are also written on their own (ours + peft layout)."""
+        """Write the `trained` parts in their standard layouts, the projector and pooled vector as
+        safetensors, and model.json naming where every other part lives, so a stage re-saves only what it
+        changed. A part trained through adapters on weights that live elsewhere (a LoRA stage) is saved as
+        its adapter alone (ours + peft layout): model.json's "adapters" lists, per part, the adapter
+        directories to add to it in order when loading (earlier stages' first). Other adapters are saved
+        beside the merged part."""
         os.makedirs(directory, exist_ok=True)
-        parts = {}
+        home = os.path.dirname(os.path.abspath(directory))
+
+        def ref(path: str) -> str:  # beside this checkpoint (a stage of the same out/ folder): relative, so the folder moves as a whole
+            path = os.path.abspath(path)
+            return os.path.relpath(path, os.path.abspath(directory)) if os.path.commonpath([path, home]) == home else path
+        parts, adapters = {}, {}
         for part in self.PARTS:
-            if part in trained:
+            adapter_only = part in self.lora and part in self.sources
+            if part in trained and not adapter_only:
                 obj = getattr(self, part)
                 with lora_merged(obj) if isinstance(obj, nn.Module) else contextlib.nullcontext():
-                    obj.save_pretrained(os.path.join(directory, part))
+                    obj.save_pretrained(os.path.join(directory, part))  # merged: earlier adapters included
                 parts[part] = part
-            elif part in self.sources:  # beside this checkpoint (an earlier stage of one out/ folder): relative,
-                source, home = os.path.abspath(self.sources[part]), os.path.dirname(os.path.abspath(directory))
-                parts[part] = os.path.relpath(source, os.path.abspath(directory)) \
-                    if os.path.commonpath([source, home]) == home else source  # so the folder moves as a whole
-            else:
+                continue
+            if part not in self.sources:
                 raise ValueError(f"UAE.save: part '{part}' was built in memory and must be in trained={trained}")
+            parts[part] = ref(self.sources[part])
+            stack = [ref(a) for a in self.adapters.get(part, [])] + ([f"lora_{part}"] if part in trained else [])
+            if stack:
+                adapters[part] = stack
         positions = {} if self.text_positions is None else {"text_positions": self.text_positions.state_dict()["weight"]}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in (self.projector.state_dict() | positions).items()} |
                   {k: getattr(self, k).cpu() for k in ("pooled", "latent_shift", "latent_scale", "text_shift", "text_scale")},
@@ -243,7 +254,7 @@ class UAE(nn.Module):
             base = os.path.abspath(self.sources[part]) if part in self.sources else ""
             save_lora(getattr(self, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"], base)
         with open(os.path.join(directory, "model.json"), "w") as f:
-            json.dump({"parts": parts, "projector_hidden": self.projector[0].out_features,
+            json.dump({"parts": parts, "adapters": adapters, "projector_hidden": self.projector[0].out_features,
                        "max_text_tokens": self.max_text_tokens, "caption_prompt": self.caption_prompt,
                        "prediction": self.prediction}, f, indent=1)
 
@@ -279,6 +290,10 @@ class UAE(nn.Module):
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
         model.projector.load_state_dict(weights)
+        for part, stack in meta.get("adapters", {}).items():  # a LoRA stage's part: its base + every stage's adapter
+            model.adapters[part] = [os.path.normpath(os.path.join(directory, d)) for d in stack]
+            for adapter in model.adapters[part]:
+                merge_lora(getattr(model, part), adapter)
         model.prediction = meta.get("prediction", "velocity")  # checkpoints written before the option: SD3's
         if positions is not None:
             model.text_positions = nn.Embedding.from_pretrained(positions.to(decoder_dtype), freeze=False)

@@ -1523,6 +1523,39 @@ def test_a_folder_of_stages_moves_as_a_whole(paper_uae, tmp_path):
         torch.testing.assert_close(loaded.condition(["a cat"]), paper_uae.condition(["a cat"]))
 
 
+def test_lora_stages_save_only_their_adapters(tiny_uae, tmp_path):
+    """A LoRA stage writes its adapter, not a merged copy of the part; loading adds every stage's adapter in
+    order and gives exactly the weights a merged copy would, also after the folder moves."""
+    import shutil
+    out = tmp_path / "out"
+    tiny_uae.save(str(out / "base"))
+    first = M.UAE.load(str(out / "base"))
+    for p in first.add_lora("llm", r=4, alpha=8, targets=M.LLM_LORA_TARGETS):
+        torch.nn.init.normal_(p, std=0.05)
+    first.save(str(out / "enc"), trained=("llm",))
+    assert not (out / "enc" / "llm").exists() and (out / "enc" / "lora_llm" / "lora.safetensors").exists()
+    assert json.loads((out / "enc" / "model.json").read_text())["adapters"] == {"llm": ["lora_llm"]}
+    second = M.UAE.load(str(out / "enc"))
+    with lora.lora_merged(first.llm):
+        expected_llm = {k: v.clone() for k, v in first.llm.state_dict().items()}
+    assert all(torch.equal(expected_llm[k], v) for k, v in second.llm.state_dict().items())  # bit for bit
+    for p in second.add_lora("transformer", r=4, alpha=8, targets=M.DIT_LORA_TARGETS):
+        torch.nn.init.normal_(p, std=0.05)
+    second.save(str(out / "dec"), trained=("transformer",))
+    meta = json.loads((out / "dec" / "model.json").read_text())
+    assert meta["adapters"] == {"llm": [os.path.join("..", "enc", "lora_llm")], "transformer": ["lora_transformer"]}
+    assert meta["parts"]["llm"] == os.path.join("..", "base", "llm") and not (out / "dec" / "transformer").exists()
+    with lora.lora_merged(second.transformer):
+        expected_dit = {k: v.clone() for k, v in second.transformer.state_dict().items()}
+    shutil.move(str(out), str(tmp_path / "moved"))
+    third = M.UAE.load(str(tmp_path / "moved" / "dec"))
+    assert all(torch.equal(expected_llm[k], v) for k, v in third.llm.state_dict().items())
+    assert all(torch.equal(expected_dit[k], v) for k, v in third.transformer.state_dict().items())
+    (tmp_path / "moved" / "enc" / "lora_llm" / "lora.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="enc/lora_llm/lora.safetensors: adapter missing"):
+        M.UAE.load(str(tmp_path / "moved" / "dec"))
+
+
 def test_missing_directories_are_named(paper_dirs, tmp_path):
     qwen_dir, sd3_dir = paper_dirs
     missing = str(tmp_path / "no_such_qwen")
