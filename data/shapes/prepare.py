@@ -1,6 +1,6 @@
 """Generate the shapes world (train / val / test / bench), its tokenizer, reward model and judges.
 
-    python data/shapes/prepare.py                                # ~10 minutes on 2 CPU cores
+    python data/shapes/prepare.py                                # ~7-9 minutes on 2 CPU cores
     python data/shapes/prepare.py --n_train=2000 --clip_steps=30 --judge_steps=30   # a quick look
 
 Writes into this folder:
