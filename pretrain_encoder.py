@@ -28,7 +28,7 @@ from data import load_images, read_jsonl
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
     caption_field="short_caption",  # which caption to imitate: the world's under-describing alt-text
-    grounding=0.0,  # share of examples that ask about one object instead (shapes.object_question; needs "scene"): perception of every object
+    grounding=0.5,  # share of examples that ask about one object instead (shapes.object_question; needs "scene"; val: RL gap closed 76% vs 47%, RESULTS.md)
     out_dir="out/pretrain_encoder",  # checkpoint directory
     init_from="scratch",  # "scratch" builds the tiny model; otherwise a UAE checkpoint directory
     tokenizer_dir="data/shapes/tokenizer",  # the world's tokenizer (scratch only)
@@ -41,7 +41,7 @@ config = dict(
     vision_hidden=128,  # ViT width
     vision_layers=3,  # ViT depth
     # optimisation
-    max_steps=1500,  # optimizer steps
+    max_steps=4000,  # optimizer steps (with grounding: val position accuracy 0.30 at 1,500, 0.85 at 4,000)
     batch_size=64,  # global batch (split over ranks)
     lr=1e-3,  # AdamW peak learning rate (2e-3 measured: the caption collapses to one prior sentence for ~1000 steps, seed-dependent)
     warmup=100,  # linear warmup steps
