@@ -295,7 +295,7 @@ def test_images_of_any_size_and_mode_become_square_rgb(tmp_path):
 def test_prepare_runs_small_and_is_deterministic(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "data", "shapes", "prepare.py"), "--n_train=64", "--n_val=32",
            "--n_test=24", "--n_bench=8", "--clip_steps=3", "--clip_batch=16", "--clip_eval_n=32", "--judge_steps=2",
-           "--judge_batch=8"]
+           "--dino_steps=2", "--judge_batch=8"]
     for out in ("a", "b"):
         subprocess.run(cmd + [f"--out_dir={tmp_path / out}"], check=True, capture_output=True, cwd=tmp_path)
     for split in ("train", "val", "test", "bench"):
@@ -900,7 +900,7 @@ def tiny_world(tmp_path_factory):
     sys.path.insert(0, os.path.join(REPO, "data", "shapes"))
     import prepare
     prepare.main([f"--out_dir={root}", "--n_train=64", "--n_val=16", "--n_test=8", "--n_bench=8", "--clip_steps=2",
-                  "--clip_batch=8", "--clip_eval_n=8", "--judge_steps=1", "--judge_batch=4"])
+                  "--clip_batch=8", "--clip_eval_n=8", "--judge_steps=1", "--dino_steps=1", "--judge_batch=4"])
     _tiny_vae(root / "vae")
     import pretrain_encoder
     enc = root / "enc"

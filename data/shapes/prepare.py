@@ -1,7 +1,7 @@
 """Generate the shapes world (train / val / test / bench), its tokenizer, reward model and judges.
 
     python data/shapes/prepare.py                                # ~7-9 minutes on 2 CPU cores
-    python data/shapes/prepare.py --n_train=2000 --clip_steps=30 --judge_steps=30   # a quick look
+    python data/shapes/prepare.py --n_train=2000 --clip_steps=30 --judge_steps=30 --dino_steps=30   # a quick look
 
 Writes into this folder:
     {train,val,test,bench}.jsonl  {"image", "caption" (complete long), "partial_caption", "short_caption",
@@ -57,7 +57,8 @@ config = dict(
     clip_warmup=100,  # warmup steps
     clip_weight_decay=0.1,  # AdamW weight decay
     clip_eval_n=1000,  # val scenes for the retrieval and sensitivity checks
-    judge_steps=400,  # optimizer steps of each judge (val: 150 left small-object sensitivity at 0.85 / 0.87 / 0.76, 400 at 0.99 / 0.99 / 0.87)
+    judge_steps=400,  # optimizer steps of the clip and longclip judges (val small-object sensitivity: 150 steps 0.85 / 0.87, 400 0.98 / 0.99)
+    dino_steps=800,  # optimizer steps of the dinov2 judge (images only, slower to learn; val small-object / position sensitivity: 400 steps 0.84 / 0.95, 800 0.91 / 0.98, 1200 0.94 / 0.99)
     judge_batch=48,  # scenes per judge step (7x images, as the reward's)
     judge_lr=2e-3,  # judges' AdamW peak learning rate
     threads=0,  # torch threads (0 = torch's default)
@@ -254,7 +255,7 @@ def train_hf_dino(cfg, data, path: str, val) -> dict:
     image = lambda x: model(pixel_values=x).last_hidden_state[:, 0]
     model.train()
     report = train_contrastive("dinov2 judge", image, None, None, list(model.parameters()), None, prep, data,
-                               cfg.judge_steps, cfg.judge_batch, cfg.judge_lr, seed)
+                               cfg.dino_steps, cfg.judge_batch, cfg.judge_lr, seed)
     model.eval()
     save_hf(model, processor, path)
     with torch.no_grad():
