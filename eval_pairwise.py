@@ -12,33 +12,16 @@ rate of A over B is reported per judge and as the judges' mean (DESIGN §7).
 
 Inputs: two captions.jsonl files as eval_unified writes them ({"image": <file name>, "caption": ...} per
 line) and the source records (a JSONL, or a folder of images); a pair is matched by the image's file
-name, and both files must caption exactly the sources. Judges (`judges`, separated by , or ;):
-- `exact` (shapes world: the records carry "scene"): the oracle reads each caption into mentions
-  (shapes.caption_counts); score = correct - wrong, where correct = objects named that are in the scene
-  + sizes and positions stated right, wrong = objects named that are not + sizes and positions stated
-  wrong. The higher score wins, equal scores tie. This is Protocol 2's ground truth here.
-- `hf:<dir>`: a local transformers causal LM (its tokenizer's chat template, greedy); text only: it sees
-  the two captions, not the image.
-- `openai:<base_url>|<model>|<ENV_VAR>`: an OpenAI-compatible endpoint, POST <base_url>/chat/completions
-  (base_url ends in /v1, as OpenAI clients take it), the API key read from the environment variable
-  ENV_VAR (two fields, no key sent: a local server). urllib with a timeout; timeouts, connection errors,
-  429 and 5xx are retried with exponential backoff, then the run stops; other HTTP errors stop it at once.
-  Every reply received is appended to a JSONL cache keyed by a hash of the spec and the request body, so
-  a rerun of a stopped or killed run pays for nothing twice.
+name, and both files must caption exactly the sources. Judges (`judges`, see parse_judges): `exact` (the
+shapes oracle, Protocol 2's ground truth here), `hf:<dir>` (a local causal LM) and
+`openai:<base_url>|<model>|<ENV_VAR>` (an OpenAI-compatible endpoint, its replies cached on disk).
 
-Each pair is judged in both orders, A/B (candidate first) then B/A, to cancel position bias. A verdict is
-A, B or TIE (parse_verdict); an unreadable one (or a reply that is no chat completion) is asked once
-more, the reply and a reminder added to the conversation (REMINDER), and if still unreadable it is
-counted as unparseable. Per pair the two orders' outcomes for the candidate (+1 win, 0 tie, -1 loss) are
-summed: > 0 win, < 0 loss, 0 tie (so a judge that always names the first caption ties every pair). A pair
-with an unparseable order is counted as unparseable and left out of the rates, never dropped unreported.
-Order agreement: of the pairs read in both orders, the fraction whose two outcomes are equal.
-
-Win rate = (wins + ties / 2) / decided pairs, with the 95% Wilson score interval over the decided pairs
-(ties have less variance than a coin flip, so it is conservative); beside it the decisive win rate
-wins / (wins + losses) with its Wilson interval. With `protocol1` and a results.json of eval_unified beside
-each captions file, each judge's agreement with Protocol 1: of its decisive pairs whose two reconstructions
-scored differently (unified_score_per_image), the fraction whose winner is the higher-scored caption.
+Each pair is judged in both orders to cancel position bias; an unreadable verdict is asked once more, then
+counted as unparseable and left out of the rates, never dropped unreported (ChatJudge, tally). Win rate =
+(wins + ties / 2) / decided pairs with its 95% Wilson interval, beside the decisive win rate; with
+`protocol1`, each judge's agreement with Protocol 1's per-image ordering. Headline (third run, test):
+the exact judge prefers encoder RL's captions to base's, win rate 0.956 (0.946 .. 0.964), agreeing with
+Protocol 1 on 0.867 of pairs.
 
 Writes out_dir/results.json (counts, rates, per-image verdicts and replies, the prompt, the config) and
 out_dir/results.md (the table); prints the table.
@@ -348,7 +331,19 @@ class OpenAIJudge(ChatJudge):
 
 def parse_judges(text: str, cfg, records: list[dict]) -> list:
     """The judges of the config key `judges`: specs separated by , or ; (a URL holding either cannot be
-    given). Each bad spec is named in the error."""
+    given). Each bad spec is named in the error.
+    - `exact` (shapes world: the records carry "scene"): the oracle reads each caption into mentions
+      (shapes.caption_counts); score = correct - wrong, where correct = objects named that are in the scene
+      + sizes and positions stated right, wrong = objects named that are not + sizes and positions stated
+      wrong. The higher score wins, equal scores tie.
+    - `hf:<dir>`: a local transformers causal LM (its tokenizer's chat template, greedy); text only: it sees
+      the two captions, not the image.
+    - `openai:<base_url>|<model>|<ENV_VAR>`: an OpenAI-compatible endpoint, POST <base_url>/chat/completions
+      (base_url ends in /v1, as OpenAI clients take it), the API key read from the environment variable
+      ENV_VAR (two fields, no key sent: a local server). urllib with a timeout; timeouts, connection
+      errors, 429 and 5xx are retried with exponential backoff, then the run stops; other HTTP errors stop
+      it at once. Every reply received is appended to a JSONL cache keyed by a hash of the spec and the
+      request body, so a rerun of a stopped or killed run pays for nothing twice."""
     specs = [s.strip() for s in re.split(r"[;,]", text) if s.strip()]
     if not specs:
         raise ConfigError("config key 'judges' is empty: give exact, hf:<dir> or openai:<base_url>|<model>|<ENV_VAR>")
@@ -387,7 +382,14 @@ OUTCOME = {("ab", "A"): 1, ("ab", "B"): -1, ("ba", "A"): -1, ("ba", "B"): 1}  # 
 
 
 def tally(names: list[str], verdicts: dict[str, list[dict]], p1: list[tuple[float, float]] | None) -> tuple[dict, dict]:
-    """One judge's figures and per-image record from its verdicts in both orders ({order: [per pair]})."""
+    """One judge's figures and per-image record from its verdicts in both orders ({order: [per pair]}).
+    Per pair the two orders' outcomes for the candidate (+1 win, 0 tie, -1 loss) are summed: > 0 win, < 0
+    loss, 0 tie (a judge that always names the first caption ties every pair); a pair with an unparseable
+    order is counted as unparseable. Order agreement: of the pairs read in both orders, the fraction whose
+    outcomes are equal. Win rate = (wins + ties / 2) / decided, its Wilson interval over the decided pairs
+    (conservative: ties vary less than a coin flip); decisive win rate = wins / (wins + losses). Protocol-1
+    agreement: of the decisive pairs whose two reconstructions scored differently
+    (unified_score_per_image), the fraction whose winner is the higher-scored caption."""
     counts = dict.fromkeys(("win", "tie", "loss", "unparseable"), 0)
     agree = both = p1_agree = p1_n = 0
     per_image = {}
