@@ -12,10 +12,10 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
 makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Headline (third run, today's defaults, 2,000 test scenes, from the true complete captions): GenEval-shapes
-0.818 -> 0.880 (McNemar p 4e-17), >=3 objects 0.776 -> 0.849, extra objects per image 0.17 -> 0.11,
-full-loop Unified-Score +0.60 (95% +0.45 .. +0.76). It undoes what encoder RL's LoRA did to the shared
-LLM's encoding of captions: against the pretrained decoder before any RL (0.885) it is 0.880 (p 0.48).
+Headline (fourth run, today's defaults, 2,000 test scenes, from the true complete captions): GenEval-shapes
+0.876 -> 0.890 (McNemar p 0.026), >=3 objects 0.859 -> 0.867, extra objects per image 0.108 -> 0.092,
+full-loop Unified-Score +0.21 (95% +0.09 .. +0.32). That is level with the pretrained decoder before any
+RL (0.892): Understanding for Generation is not shown yet on this world.
 Every measurement, with its command, is in RESULTS.md.
 
 Writes out_dir/: checkpoint (DiT LoRA also in the peft layout), log.jsonl, reward_curve.png.
