@@ -261,8 +261,8 @@ class UAE(Captioner, nn.Module):
                   os.path.join(directory, "projector.safetensors"))
         with open(os.path.join(directory, "model.json"), "w") as f:
             json.dump({"architecture": "UAE", "parts": parts, "adapters": adapters,
-                       "projector_hidden": self.projector[0].out_features, "max_text_tokens": self.max_text_tokens, "caption_prompt": self.caption_prompt,
-                       "prediction": self.prediction}, f, indent=1)
+                       "projector_hidden": self.projector[0].out_features, "max_text_tokens": self.max_text_tokens,
+                       "caption_prompt": self.caption_prompt, "prediction": self.prediction}, f, indent=1)
 
     @classmethod
     def load(cls, directory: str, dtype=torch.float32, decoder_dtype=None):
