@@ -1224,23 +1224,33 @@ def tiny_umm2(tiny_janus):
     return umm2.UMM2.from_pretrained(tiny_janus[1], dtype=torch.float32, max_caption_tokens=12).eval()
 
 
-def _sequential_sampler(distribution, uniforms, width, placeholder, eos=None, greedy=False):
-    """What settle must reproduce: position by position, the token drawn (inverse CDF at the same uniforms, or
-    argmax) from a teacher-forced pass over `width` tokens whose later ones are placeholders."""
-    tokens = torch.full((len(uniforms), width), placeholder)
-    done = torch.zeros(len(uniforms), dtype=torch.bool)
+def _sequential_sampler(distribution, keys, width, placeholder, eos=None, greedy=False):
+    """What settle must reproduce: position by position, the token drawn (Gumbel-max with the same noise keys,
+    or argmax) from a teacher-forced pass over `width` tokens whose later ones are placeholders."""
+    tokens = torch.full((len(keys), width), placeholder)
+    done = torch.zeros(len(keys), dtype=torch.bool)
     for t in range(width):
         log_probs = distribution(tokens)[:, t]
-        token = log_probs.argmax(-1) if greedy else umm2.inverse_cdf(log_probs, uniforms[:, t])
+        token = log_probs.argmax(-1) if greedy else umm2.gumbel_max(log_probs, keys[:, t])
         tokens[:, t] = torch.where(done, placeholder, token)
         done |= tokens[:, t] == eos
     return tokens
 
 
-def test_inverse_cdf_by_hand():
-    log_probs = torch.tensor([0.2, 0.0, 0.5, 0.3]).log().expand(5, 4)
-    u = torch.tensor([0.1, 0.19, 0.21, 0.69, 1.0])  # cumulative 0.2, 0.2, 0.7, 1.0: token 1 has no mass
-    assert umm2.inverse_cdf(log_probs, u).tolist() == [0, 0, 2, 2, 3]
+def test_gumbel_max_draws_from_the_distribution_and_repeats_with_its_keys():
+    def lowbias32(x):  # C. Wellons' hash in plain Python integers
+        for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x = ((x ^ (x >> shift)) * mult) % 2 ** 32
+        return x ^ (x >> 16)
+    x = torch.randint(0, 2 ** 32, (1000,), generator=torch.Generator().manual_seed(0))
+    assert umm2.mix32(x).tolist() == [lowbias32(v) for v in x.tolist()]
+    p = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    keys = umm2.noise_keys(4000, 5, torch.Generator().manual_seed(0))  # 20,000 draws: a frequency's std <= 0.0036
+    tokens = umm2.gumbel_max(p.log().expand(4000, 5, 4), keys)
+    frequency = torch.bincount(tokens.flatten(), minlength=4) / tokens.numel()
+    assert frequency[1] == 0 and (frequency - p).abs().max() < 0.015
+    assert torch.equal(umm2.gumbel_max(p.log().expand(4000, 5, 4), keys), tokens)  # the same keys: the same draws
+    assert torch.equal(umm2.gumbel_max(p.log().expand(4, 4), keys[:4, 2]), tokens[:4, 2])  # one position alone
 
 
 def test_umm2_loads_a_janus_pro_layout_directory(tiny_janus, tiny_umm2):
@@ -1272,10 +1282,10 @@ def test_umm2_captions_are_the_teacher_forced_sampler_and_record_its_log_probs(t
     with torch.no_grad():  # the update's pass: the recorded log-probs bit for bit, wherever the policy chose
         assert torch.equal(model.caption_logprobs(c.prompt, c.ids, temperature)[valid], c.log_probs[valid])
         assert (c.log_probs[~valid] == 0).all() and torch.isfinite(c.log_probs).all()
-        uniforms = 1 - torch.rand((6, model.caption_cap()), generator=torch.Generator().manual_seed(1))
+        keys = umm2.noise_keys(6, model.caption_cap(), torch.Generator().manual_seed(1))
         eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
         for greedy, ids in ((False, c.ids), (True, model.caption(images, 3, temperature, greedy=True).ids)):
-            reference = _sequential_sampler(lambda t: model._caption_distribution(c.prompt, t, temperature), uniforms,
+            reference = _sequential_sampler(lambda t: model._caption_distribution(c.prompt, t, temperature), keys,
                                             ids.shape[1], pad, eos, greedy)
             assert torch.equal(ids, reference)
     assert len(set(c.texts)) > 1  # sampled: the three captions of an image are not all one
@@ -1291,10 +1301,10 @@ def test_umm2_image_tokens_with_guidance_are_the_teacher_forced_sampler(tiny_umm
     r = draw()
     assert r.tokens.shape == (4, 16) and r.texts == [UMM2_TEXTS[0]] * 2 + [UMM2_TEXTS[1]] * 2 and r.rounds == 1
     assert (r.prompt["attention_mask"][:2] == 0).any()  # the shorter caption is left-padded
-    uniforms = 1 - torch.rand((4, 16), generator=torch.Generator().manual_seed(2))
+    keys = umm2.noise_keys(4, 16, torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(model.image_logprobs(r.prompt, r.tokens, scale, temperature), r.log_probs)  # bit for bit
-        reference = _sequential_sampler(lambda t: model._image_distribution(r.prompt, t, scale, temperature), uniforms,
+        reference = _sequential_sampler(lambda t: model._image_distribution(r.prompt, t, scale, temperature), keys,
                                         16, 0)
         assert torch.equal(r.tokens, reference)
         # the recorded log-prob is the guided distribution's, u + s (c - u) by hand for the first token, where the
@@ -1313,9 +1323,9 @@ def test_umm2_image_tokens_with_guidance_are_the_teacher_forced_sampler(tiny_umm
     # still the sequential sampler's
     draft = model._draft_images
 
-    def wrong_draft(prompt, uniforms, cfg_scale, temperature, given=None, start=None):
-        tokens = draft(prompt, uniforms, cfg_scale, temperature, given, start)
-        drafted = torch.arange(16) >= (torch.zeros(4, 1) if start is None else start[:, None])
+    def wrong_draft(prompt, keys, cfg_scale, temperature, given=None, start=None):
+        tokens = draft(prompt, keys, cfg_scale, temperature, given, start)
+        drafted = torch.arange(16) >= (0 if start is None else start[:, None])
         return torch.where(drafted, (tokens + 1) % 64, tokens)
     monkeypatch.setattr(model, "_draft_images", wrong_draft)
     fixed = draw()
@@ -1333,7 +1343,7 @@ def test_umm2_image_tokens_with_guidance_are_the_teacher_forced_sampler(tiny_umm
 
 def test_umm2_lora_off_is_the_base_bit_for_bit_and_on_changes_both_directions(tiny_umm2, tmp_path):
     import copy
-    model = copy.deepcopy(tiny_umm2)
+    model = copy.deepcopy(tiny_umm2).requires_grad_(False)
     images, _ = _scene_images(2)
     with torch.no_grad():
         c = model.caption(images, greedy=True, check=False)
@@ -1354,6 +1364,19 @@ def test_umm2_lora_off_is_the_base_bit_for_bit_and_on_changes_both_directions(ti
         with lora.lora_disabled(model.llm):  # the GRPO reference: adapters off, bit for bit the base
             assert all(torch.equal(a, b) for a, b in zip(outputs(), base))
         assert all(torch.equal(a, b) for a, b in zip(outputs(), on))
+        rollout = model.draw(UMM2_TEXTS, 2, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
+        captions = model.caption(images, 2, generator=torch.Generator().manual_seed(1))
+    # the update's teacher-forced passes, gradients on: ratio exactly 1 on-policy, and GRPO reaches the adapters
+    # through captions and image tokens (with CFG: both the conditional and the unconditional rows)
+    valid = captions.mask.bool()
+    logp_image = model.image_logprobs(rollout.prompt, rollout.tokens, 3.0)
+    logp_caption = torch.where(valid, model.caption_logprobs(captions.prompt, captions.ids), 0.0)
+    assert torch.equal(logp_image.detach(), rollout.log_probs) and torch.equal(logp_caption.detach(), captions.log_probs)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss = (M.grpo_loss(logp_image, rollout.log_probs, None, advantages, torch.ones_like(logp_image), beta=0.0) +
+            M.grpo_loss(logp_caption, captions.log_probs, None, advantages, valid.float(), beta=0.0))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in params) and all(p.grad.abs().sum() > 0 for p in params[1::2])
     lora.save_lora(model.llm, str(tmp_path), 4, 8)
     from safetensors.torch import load_file
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in load_file(

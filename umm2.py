@@ -16,13 +16,16 @@ the same prompt with every token but bos and <begin_of_image> replaced by pad; t
 Exactness. A KV-cached step and a teacher-forced forward of the whole sequence add the same numbers in a
 different order (measured on a tiny Janus: log-probs apart by 2e-7 in fp32, 3e-4 in bf16), so log-probs
 recorded while sampling would not be the ones GRPO's ratio recomputes. Here a sampled token is defined by
-the teacher-forced distribution: token t = the inverse CDF of p_t (teacher-forced, given tokens < t) at a
-uniform u_t drawn up front. The cached loop only drafts the tokens with the same u; one teacher-forced pass
+the teacher-forced distribution: token t = argmax(log p_t + g_t), p_t teacher-forced given the tokens < t
+and g_t Gumbel noise fixed up front as a function of (row seed, t, token) (the Gumbel-max trick draws
+exactly from p_t). The cached loop only drafts the tokens with the same noise; one teacher-forced pass
 checks every position, and a row whose draft differs somewhere takes the checked token at its first
 difference and is drafted again from there (settle). The tokens are then exactly those of the sequential
 sampler of the teacher-forced distribution, and their log-probs are the teacher-forced pass's: the ratio is
 exactly 1 on-policy in any dtype, as long as the update runs the same rows in the same layout (dtype,
-attention kernel, micro-batch). Usually the first check passes; `rounds` counts them.
+attention kernel, micro-batch). A draft differs only where two candidates' noisy scores are closer than
+the numerical error (measured at bf16, CFG 5, a random 3M-parameter model: 0.09% of tokens; sampling by
+inverse CDF at a fixed uniform would move 2.5%), so the first check usually passes; `rounds` counts them.
 
 One class serves both scales: `UMM2.build_tiny(...)` makes a shapes-world model from configs,
 `UMM2.from_pretrained(janus_dir)` loads a Janus-Pro directory in the transformers layout (e.g.
@@ -58,24 +61,42 @@ class ImageRollout:
                             None if self.log_probs is None else self.log_probs[part], self.texts[part], self.rounds)
 
 
-def inverse_cdf(log_probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sampling by inversion: the first token whose cumulative probability reaches u * total, u in (0, 1].
-    A draw is a function of (distribution, u), so a draft made with the same u can be checked."""
-    cdf = log_probs.exp().cumsum(-1)
-    return (cdf < u.unsqueeze(-1) * cdf[..., -1:]).sum(-1).clamp(max=log_probs.shape[-1] - 1)
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons' 32-bit integer hash) on int64 tensors of values in [0, 2^32); each product is
+    split in 16-bit halves so that no int64 overflows."""
+    for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = ((x & 0xFFFF) * mult + ((((x >> 16) * mult) & 0xFFFF) << 16)) & 0xFFFFFFFF
+    return x ^ (x >> 16)
 
 
-def settle(draft, distribution, choose, valid, max_rounds: int):
+def noise_keys(rows: int, length: int, generator=None, device=None) -> torch.Tensor:
+    """(rows, length) int64 keys of the sampling noise: a random seed per row, hashed with each position."""
+    seeds = torch.randint(0, 2 ** 32, (rows, 1), generator=generator, device=device)
+    return mix32((seeds + torch.arange(length, device=device) * 0x9E3779B9) & 0xFFFFFFFF)
+
+
+def gumbel_max(log_probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """argmax(log p + g), g ~ Gumbel(0, 1) per token: a draw from p (the Gumbel-max trick). g is a function
+    of the key and the token alone (counter-based: never stored), so the cached draft and the teacher-forced
+    check of one position perturb the same candidates by the same amounts."""
+    x = mix32(keys.unsqueeze(-1) ^ torch.arange(log_probs.shape[-1], device=keys.device))
+    uniform = ((x >> 8).float() + 0.5) / 2 ** 24  # 24 bits: exact in fp32, never 0 or 1
+    return (log_probs - torch.log(-torch.log(uniform))).argmax(-1)
+
+
+def settle(draft, distribution, choose, valid, max_rounds: int, pad: int = 0):
     """Tokens the teacher-forced pass samples itself, with its log-probs (see the module docstring).
 
-    draft(given, start) -> (N, L) tokens from the cached loop, row r copying given[r, :start[r]] (None: none);
-    distribution(tokens) -> (N, L, V) teacher-forced log-probs of every position; choose(log_probs) -> (N, L)
-    the token the sampler takes from each (inverse CDF at the row's uniforms, or argmax); valid(tokens) ->
-    (N, L) the positions the policy chose (up to eos). Returns tokens, their log-probs (0 where not valid)
-    and the number of teacher-forced passes. Within one layout every round fixes at least the first wrong
-    position of every wrong row, so the loop ends; max_rounds guards against a forward whose position t
-    depended on later tokens."""
-    tokens = draft(None, None)
+    draft(rows, given, start) -> tokens of the rows (a bool mask; None: all) from the cached loop, row r
+    copying given[r, :start[r]] (given None: nothing); distribution(tokens) -> (N, L, V) teacher-forced
+    log-probs of every position, always of all N rows (the layout the update will run); choose(log_probs) ->
+    (N, L) the token the sampler takes from each (gumbel_max with the row's keys, or argmax); valid(tokens)
+    -> (N, L) the positions the policy chose (up to eos). Rows of different lengths are right-padded with
+    `pad`. Returns tokens, their log-probs (0 where not valid) and the number of teacher-forced passes.
+    Within one layout every round fixes at least the first wrong position of every wrong row, so the loop
+    ends; max_rounds guards against a forward whose position t depended on later tokens."""
+    tokens = draft(None, None, None)
     for rounds in range(1, max_rounds + 1):
         log_probs = distribution(tokens)
         target, is_valid = choose(log_probs), valid(tokens).bool()
@@ -84,10 +105,13 @@ def settle(draft, distribution, choose, valid, max_rounds: int):
             chosen = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
             return tokens, torch.where(is_valid, chosen, 0.0), rounds
         rows = wrong.any(1)
-        first = wrong.int().argmax(1)  # each wrong row's first wrong position
-        fixed = tokens.clone()
-        fixed[rows, first[rows]] = target[rows, first[rows]]
-        tokens = draft(fixed, torch.where(rows, first + 1, tokens.shape[1]))
+        first = wrong.int().argmax(1)[rows]  # each wrong row's first wrong position
+        fixed = tokens[rows]
+        fixed[torch.arange(len(fixed)), first] = target[rows, first]
+        redrafted = draft(rows, fixed, first + 1)  # only the wrong rows: the others are settled
+        width = max(tokens.shape[1], redrafted.shape[1])
+        tokens = F.pad(tokens, (0, width - tokens.shape[1]), value=pad)
+        tokens[rows] = F.pad(redrafted, (0, width - redrafted.shape[1]), value=pad)
     raise RuntimeError(f"sampling did not settle in {max_rounds} teacher-forced passes: the teacher-forced "
                        f"log-probs of a position depend on later tokens (a non-causal attention kernel or mask?)")
 
@@ -121,6 +145,7 @@ class UMM2(Captioner, nn.Module):
         self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
         self.lora = {}  # part -> {"r", "alpha"} of the adapters injected into llm
         self.adapters = {}  # part -> saved adapter directories merged into it on loading (model.json "adapters")
+        self.turns_cut = 0  # UAE's count of captions cut to the decoder's text window: T2I here reads a caption whole
         # a caption may not contain image or chat-control tokens (as UAE's); eos stays allowed
         self.banned_token_ids = sorted(set(self.tokenizer.all_special_ids) - {self.tokenizer.eos_token_id})
         self.boi_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
@@ -259,16 +284,16 @@ class UMM2(Captioner, nn.Module):
         return self._caption_distribution(prompt, ids, temperature).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
-    def _draft_caption(self, prompt, uniforms, temperature, greedy, given=None, start=None) -> torch.Tensor:
-        """Cached sampling of captions (settle's draft): inverse CDF at `uniforms` (N, cap), or argmax; row r
+    def _draft_caption(self, prompt, keys, temperature, greedy, given=None, start=None) -> torch.Tensor:
+        """Cached sampling of captions (settle's draft): gumbel_max with `keys` (N, cap), or argmax; row r
         copies given[r, :start[r]]. Stops when every row has its eos, or at the cap."""
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         mask, cache = prompt["attention_mask"], self._new_cache()
         hidden = self._forward(self._embed_text(prompt["input_ids"], prompt.get("pixel_values")), mask, cache)[:, -1:]
         tokens, done = [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
-        for t in range(uniforms.shape[1]):
+        for t in range(keys.shape[1]):
             log_probs = self._text_log_probs(hidden, temperature)[:, 0]
-            token = log_probs.argmax(-1) if greedy else inverse_cdf(log_probs, uniforms[:, t])
+            token = log_probs.argmax(-1) if greedy else gumbel_max(log_probs, keys[:, t])
             if given is not None and t < given.shape[1]:
                 token = torch.where(t < start, given[:, t], token)
             token = torch.where(done, pad, token)
@@ -288,17 +313,18 @@ class UMM2(Captioner, nn.Module):
         per image. check (settle): the tokens are the teacher-forced sampler's and log_probs (N, L) are
         caption_logprobs' numbers (0 after eos); without it, the cached draft alone, no log_probs (evaluation)."""
         prompt = self.caption_inputs(images, num_samples, prompts)
-        uniforms = 1 - torch.rand((len(prompt["input_ids"]), self.caption_cap(max_new_tokens)), generator=generator,
-                                  device=self.device)
+        keys = noise_keys(len(prompt["input_ids"]), self.caption_cap(max_new_tokens), generator, self.device)
 
-        def draft(given, start):
-            return self._draft_caption(prompt, uniforms, temperature, greedy, given, start)
-        if check:
-            choose = (lambda lp: lp.argmax(-1)) if greedy else (lambda lp: inverse_cdf(lp, uniforms[:, :lp.shape[1]]))
+        def draft(rows, given, start):
+            rows = slice(None) if rows is None else rows
+            return self._draft_caption({k: v[rows] for k, v in prompt.items()}, keys[rows], temperature, greedy,
+                                       given, start)
+        if check:  # a row's caption can change length between checks: a generous bound on the rounds
+            choose = (lambda lp: lp.argmax(-1)) if greedy else (lambda lp: gumbel_max(lp, keys[:, :lp.shape[1]]))
             ids, log_probs, _ = settle(draft, lambda ids: self._caption_distribution(prompt, ids, temperature), choose,
-                                       self.completion_mask, uniforms.shape[1] + 1)
+                                       self.completion_mask, 2 * keys.shape[1] + 2, self.tokenizer.pad_token_id)
         else:
-            ids, log_probs = draft(None, None), None
+            ids, log_probs = draft(None, None, None), None
         mask = self.completion_mask(ids)
         texts = self.tokenizer.batch_decode(ids * mask + self.tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
         return Captions(prompt, ids, mask, [t.strip() for t in texts], log_probs)
@@ -359,15 +385,15 @@ class UMM2(Captioner, nn.Module):
         return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
-    def _draft_images(self, prompt, uniforms, cfg_scale, temperature, given=None, start=None) -> torch.Tensor:
-        """Cached sampling of the M image tokens (settle's draft), guided rows and twins in one batch: inverse
-        CDF at `uniforms` (N, M); row r copies given[r, :start[r]]."""
+    def _draft_images(self, prompt, keys, cfg_scale, temperature, given=None, start=None) -> torch.Tensor:
+        """Cached sampling of the M image tokens (settle's draft), guided rows and twins in one batch:
+        gumbel_max with `keys` (N, M); row r copies given[r, :start[r]]."""
         ids, mask = self._guided_rows(prompt, cfg_scale)
-        cache, twins = self._new_cache(), len(ids) // len(uniforms)
+        cache, twins = self._new_cache(), len(ids) // len(keys)
         hidden = self._forward(self._embed_text(ids), mask, cache)[:, -1:]
         tokens = []
         for t in range(self.image_tokens):
-            token = inverse_cdf(self._image_log_probs(hidden, cfg_scale, temperature)[:, 0], uniforms[:, t])
+            token = gumbel_max(self._image_log_probs(hidden, cfg_scale, temperature)[:, 0], keys[:, t])
             if given is not None:
                 token = torch.where(t < start, given[:, t], token)
             tokens.append(token)
@@ -385,16 +411,18 @@ class UMM2(Captioner, nn.Module):
         tokens are the teacher-forced sampler's and log_probs are image_logprobs' numbers; without it, the
         cached draft alone (evaluation)."""
         prompt = self.image_prompt(texts, num_samples)
-        uniforms = 1 - torch.rand((len(prompt["input_ids"]), self.image_tokens), generator=generator, device=self.device)
-        rows = [t for t in texts for _ in range(num_samples)]
+        keys = noise_keys(len(prompt["input_ids"]), self.image_tokens, generator, self.device)
+        row_texts = [t for t in texts for _ in range(num_samples)]
 
-        def draft(given, start):
-            return self._draft_images(prompt, uniforms, cfg_scale, temperature, given, start)
+        def draft(rows, given, start):
+            rows = slice(None) if rows is None else rows
+            return self._draft_images({k: v[rows] for k, v in prompt.items()}, keys[rows], cfg_scale, temperature,
+                                      given, start)
         if not check:
-            return ImageRollout(prompt, draft(None, None), None, rows)
+            return ImageRollout(prompt, draft(None, None, None), None, row_texts)
         tokens, log_probs, rounds = settle(draft, lambda t: self._image_distribution(prompt, t, cfg_scale, temperature),
-                                           lambda lp: inverse_cdf(lp, uniforms), torch.ones_like, self.image_tokens + 1)
-        return ImageRollout(prompt, tokens, log_probs, rows, rounds)
+                                           lambda lp: gumbel_max(lp, keys), torch.ones_like, self.image_tokens + 1)
+        return ImageRollout(prompt, tokens, log_probs, row_texts, rounds)
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """VQ tokens (B, M) -> images in [0, 1], float (B, 3, H, W), through the VQ decoder."""
