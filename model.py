@@ -36,16 +36,20 @@ class Captions:
     ids: torch.Tensor  # (N, L) completion token ids, pad after the first eos
     mask: torch.Tensor  # (N, L) 1 up to and including the first eos
     texts: list[str]
+    log_probs: torch.Tensor | None = None  # (N, L) fp32 log-probs the tokens were drawn with (UMM2.caption), if recorded
 
     def rows(self, part: slice) -> "Captions":
-        """Rows `part` (a micro-batch) with their prompt rows. pixel_values holds every row's image patches one
-        after another (image_grid_thw: t * h * w patches per row's image), so it is cut at their offsets."""
-        prompt = {k: v[part] for k, v in self.prompt.items() if k != "pixel_values"}
-        if "pixel_values" in self.prompt:
+        """Rows `part` (a micro-batch) with their prompt rows. Qwen2.5-VL's pixel_values holds every row's
+        image patches one after another (image_grid_thw: t * h * w patches per row's image), so it is cut
+        at their offsets; Janus's has one image per row."""
+        packed = "image_grid_thw" in self.prompt
+        prompt = {k: v[part] for k, v in self.prompt.items() if not (packed and k == "pixel_values")}
+        if packed and "pixel_values" in self.prompt:
             ends = self.prompt["image_grid_thw"].prod(-1).cumsum(0)
             first, last = range(len(ends))[part][0], range(len(ends))[part][-1]
             prompt["pixel_values"] = self.prompt["pixel_values"][(ends[first - 1] if first else 0):ends[last]]
-        return Captions(prompt, self.ids[part], self.mask[part], self.texts[part])
+        return Captions(prompt, self.ids[part], self.mask[part], self.texts[part],
+                        None if self.log_probs is None else self.log_probs[part])
 
 
 def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample=None, generator=None):
@@ -94,7 +98,35 @@ def projector_mlp(llm_hidden: int, hidden: int, joint_dim: int) -> nn.Sequential
     return nn.Sequential(nn.Linear(llm_hidden, hidden), nn.GELU(), nn.Linear(hidden, joint_dim))
 
 
-class UAE(nn.Module):
+class Captioner:
+    """The I2T side both architectures share (UAE here, UMM2 in umm2.py): the caption prompt's processor
+    inputs, the completion mask and the count of captions the length cap stopped. A subclass has processor,
+    tokenizer, caption_prompt, device and caption_cap()."""
+
+    def caption_inputs(self, images, num_samples: int = 1, prompts: list[str] | None = None) -> dict:
+        """Processor inputs for the caption prompt (or one user prompt per image), each image repeated
+        num_samples times (left-padded)."""
+        turn = lambda text: self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False)
+        texts = [turn(t) for t in prompts for _ in range(num_samples)] if prompts else [turn(self.caption_prompt)] * (len(images) * num_samples)
+        images = [to_uint8_hwc(im) for im in images for _ in range(num_samples)]
+        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def completion_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """1 for every token up to and including the first eos (the tokens the policy chose)."""
+        is_eos = ids == self.tokenizer.eos_token_id
+        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
+        return (~after_eos).long()
+
+    def captions_cut(self, texts: list[str], max_new_tokens: int = 0) -> int:
+        """How many caption texts the length cap stopped before their eos: a caption that ended has at most
+        cap - 1 tokens besides its eos. Nothing is cut silently: eval_unified reports this count."""
+        cap = self.caption_cap(max_new_tokens)
+        return sum(len(ids) >= cap for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+class UAE(Captioner, nn.Module):
     """LLM (Qwen2.5-VL) + projector + MM-DiT (SD3) + VAE, with the flow-matching scheduler."""
 
     def __init__(self, llm, processor, transformer, vae, scheduler, projector_hidden: int, pooled: torch.Tensor,
@@ -220,43 +252,17 @@ class UAE(nn.Module):
 
     def save(self, directory: str, trained=PARTS):
         """Write the `trained` parts in their standard layouts, the projector and pooled vector as
-        safetensors, and model.json naming where every other part lives, so a stage re-saves only what it
-        changed. A part trained through adapters on weights that live elsewhere (a LoRA stage) is saved as
-        its adapter alone (ours + peft layout): model.json's "adapters" lists, per part, the adapter
-        directories to add to it in order when loading (earlier stages' first). Other adapters are saved
-        beside the merged part."""
-        os.makedirs(directory, exist_ok=True)
-        home = os.path.dirname(os.path.abspath(directory))
-
-        def ref(path: str) -> str:  # beside this checkpoint (a stage of the same out/ folder): relative, so the folder moves as a whole
-            path = os.path.abspath(path)
-            return os.path.relpath(path, os.path.abspath(directory)) if os.path.commonpath([path, home]) == home else path
-        parts, adapters = {}, {}
-        for part in self.PARTS:
-            adapter_only = part in self.lora and part in self.sources
-            if part in trained and not adapter_only:
-                obj = getattr(self, part)
-                with lora_merged(obj) if isinstance(obj, nn.Module) else contextlib.nullcontext():
-                    obj.save_pretrained(os.path.join(directory, part))  # merged: earlier adapters included
-                parts[part] = part
-                continue
-            if part not in self.sources:
-                raise ValueError(f"UAE.save: part '{part}' was built in memory and must be in trained={trained}")
-            parts[part] = ref(self.sources[part])
-            stack = [ref(a) for a in self.adapters.get(part, [])] + ([f"lora_{part}"] if part in trained else [])
-            if stack:
-                adapters[part] = stack
+        safetensors, and model.json naming where every other part lives (save_parts), so a stage re-saves
+        only what it changed."""
+        parts, adapters = save_parts(self, directory, trained)
         positions = {} if self.text_positions is None else {"text_positions": self.text_positions.state_dict()["weight"]}
         save_file({k: v.detach().float().cpu().contiguous() for k, v in (self.projector.state_dict() | positions).items()} |
                   {k: getattr(self, k).cpu() for k in ("pooled", "latent_shift", "latent_scale", "text_shift", "text_scale")},
                   os.path.join(directory, "projector.safetensors"))
-        for part, spec in self.lora.items():  # the adapter's base is the unmerged part it was trained on
-            base = os.path.abspath(self.sources[part]) if part in self.sources else ""
-            save_lora(getattr(self, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"], base)
         with open(os.path.join(directory, "model.json"), "w") as f:
-            json.dump({"parts": parts, "adapters": adapters, "projector_hidden": self.projector[0].out_features,
-                       "max_text_tokens": self.max_text_tokens, "caption_prompt": self.caption_prompt,
-                       "prediction": self.prediction}, f, indent=1)
+            json.dump({"architecture": "UAE", "parts": parts, "adapters": adapters,
+                       "projector_hidden": self.projector[0].out_features, "max_text_tokens": self.max_text_tokens,
+                       "caption_prompt": self.caption_prompt, "prediction": self.prediction}, f, indent=1)
 
     @classmethod
     def load(cls, directory: str, dtype=torch.float32, decoder_dtype=None):
@@ -266,15 +272,7 @@ class UAE(nn.Module):
         decoder_dtype = decoder_dtype or dtype
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-        meta_path = os.path.join(directory, "model.json")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"{meta_path}: not a UAE checkpoint (no model.json)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        paths = {part: os.path.normpath(os.path.join(directory, p)) for part, p in meta["parts"].items()}  # p: relative or absolute
-        for part, path in paths.items():
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
+        meta, paths = read_parts(directory, "UAE")
         llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
         processor = AutoProcessor.from_pretrained(paths["processor"])
         transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=decoder_dtype)
@@ -290,10 +288,7 @@ class UAE(nn.Module):
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
         model.projector.load_state_dict(weights)
-        for part, stack in meta.get("adapters", {}).items():  # a LoRA stage's part: its base + every stage's adapter
-            model.adapters[part] = [os.path.normpath(os.path.join(directory, d)) for d in stack]
-            for adapter in model.adapters[part]:
-                merge_lora(getattr(model, part), adapter)
+        merge_adapters(model, meta, directory)
         model.prediction = meta.get("prediction", "velocity")  # checkpoints written before the option: SD3's
         if positions is not None:
             model.text_positions = nn.Embedding.from_pretrained(positions.to(decoder_dtype), freeze=False)
@@ -314,22 +309,6 @@ class UAE(nn.Module):
 
     # ------------------------------------------------------------------ understanding: image -> caption
 
-    def caption_inputs(self, images, num_samples: int = 1, prompts: list[str] | None = None) -> dict:
-        """Processor inputs for the caption prompt (or one user prompt per image), each image repeated
-        num_samples times (left-padded)."""
-        turn = lambda text: self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}], add_generation_prompt=True, tokenize=False)
-        texts = [turn(t) for t in prompts for _ in range(num_samples)] if prompts else [turn(self.caption_prompt)] * (len(images) * num_samples)
-        images = [to_uint8_hwc(im) for im in images for _ in range(num_samples)]
-        batch = self.processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
-        return {k: v.to(self.device) for k, v in batch.items()}
-
-    def completion_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        """1 for every token up to and including the first eos (the tokens the policy chose)."""
-        is_eos = ids == self.tokenizer.eos_token_id
-        after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
-        return (~after_eos).long()
-
     def caption_cap(self, max_new_tokens: int = 0) -> int:
         """Caption length to generate: 0 = the decoder's window, max_text_tokens minus the generate-turn
         prefix and its closing <|im_end|>, so that any caption the encoder writes, even one stopped by
@@ -343,12 +322,6 @@ class UAE(nn.Module):
                              f"(max_text_tokens={self.max_text_tokens} in the checkpoint's model.json, minus the "
                              f"generate-turn prefix and closing token); use 0 for the full window")
         return max_new_tokens or window
-
-    def captions_cut(self, texts: list[str], max_new_tokens: int = 0) -> int:
-        """How many caption texts the length cap stopped before their eos: a caption that ended has at most
-        cap - 1 tokens besides its eos. Nothing is cut silently: eval_unified reports this count."""
-        cap = self.caption_cap(max_new_tokens)
-        return sum(len(ids) >= cap for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
     def sampling_options(self, temperature: float = 0.7, max_new_tokens: int = 0, greedy: bool = False) -> dict:
         """llm.generate's settings for captions, every sampling knob explicit. generate's own arguments
@@ -586,6 +559,71 @@ class UAE(nn.Module):
         cond = self.condition(texts, allow_cut)
         negative = self.negative_condition(len(texts), negative_prompt) if cfg_scale != 1.0 else None
         return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))
+
+
+# ============================================================================ checkpoint parts (UAE and UMM2)
+
+
+def save_parts(model, directory: str, trained) -> tuple[dict, dict]:
+    """The parts of a model (model.PARTS, each an attribute with save_pretrained) into a checkpoint directory:
+    the `trained` ones written in their standard layouts (merged: earlier adapters included), every other one
+    referenced where it lives (model.sources), relative when it is beside this checkpoint (a stage of the
+    same out/ folder), so the folder moves as a whole. A part trained through adapters on weights that live
+    elsewhere (a LoRA stage) is saved as its adapter alone; every adapter (model.lora) is written in ours and
+    peft's layout. Returns model.json's "parts" and "adapters" (per part, the adapter directories to add to
+    it in order when loading, earlier stages' first)."""
+    os.makedirs(directory, exist_ok=True)
+    home = os.path.dirname(os.path.abspath(directory))
+
+    def ref(path: str) -> str:
+        path = os.path.abspath(path)
+        return os.path.relpath(path, os.path.abspath(directory)) if os.path.commonpath([path, home]) == home else path
+    parts, adapters = {}, {}
+    for part in model.PARTS:
+        adapter_only = part in model.lora and part in model.sources
+        if part in trained and not adapter_only:
+            obj = getattr(model, part)
+            with lora_merged(obj) if isinstance(obj, nn.Module) else contextlib.nullcontext():
+                obj.save_pretrained(os.path.join(directory, part))
+            parts[part] = part
+            continue
+        if part not in model.sources:
+            raise ValueError(f"{type(model).__name__}.save: part '{part}' was built in memory and must be in "
+                             f"trained={trained}")
+        parts[part] = ref(model.sources[part])
+        stack = [ref(a) for a in model.adapters.get(part, [])] + ([f"lora_{part}"] if part in trained else [])
+        if stack:
+            adapters[part] = stack
+    for part, spec in model.lora.items():  # the adapter's base is the unmerged part it was trained on
+        base = os.path.abspath(model.sources[part]) if part in model.sources else ""
+        save_lora(getattr(model, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"], base)
+    return parts, adapters
+
+
+def read_parts(directory: str, architecture: str) -> tuple[dict, dict]:
+    """A checkpoint's model.json and the directory of each of its parts (stored relative or absolute), after
+    checking that it holds `architecture` (the class name; checkpoints written before the key are UAE's)."""
+    meta_path = os.path.join(directory, "model.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path}: not a checkpoint of this project (no model.json)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("architecture", "UAE") != architecture:
+        raise ValueError(f"{meta_path} holds a {meta['architecture']} checkpoint, not a {architecture} one: "
+                         f"load it with {meta['architecture']}.load")
+    paths = {part: os.path.normpath(os.path.join(directory, p)) for part, p in meta["parts"].items()}
+    for part, path in paths.items():
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
+    return meta, paths
+
+
+def merge_adapters(model, meta: dict, directory: str):
+    """A LoRA stage's part: its base + every stage's adapter, merged in order (model.adapters remembers them)."""
+    for part, stack in meta.get("adapters", {}).items():
+        model.adapters[part] = [os.path.normpath(os.path.join(directory, d)) for d in stack]
+        for adapter in model.adapters[part]:
+            merge_lora(getattr(model, part), adapter)
 
 
 def caption_tokens(hidden: torch.Tensor) -> torch.Tensor:

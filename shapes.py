@@ -438,32 +438,65 @@ CHAT_TEMPLATE = (  # ChatML as in Qwen2-VL; an image content item becomes vision
 )
 
 
-def vocabulary() -> list[str]:
-    """Every word the world's captions, prompt and chat roles use (fixed order: ids are stable)."""
+# Janus-Pro's special tokens (transformers' layout: bos, eos, pad, the image placeholder and its brackets,
+# the chat roles) and its chat format "<|User|>: ...\n\n<|Assistant|>:" (the turn after the user's
+# ends with eos), for the UMM-2 model (umm2.py)
+JANUS_SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image_placeholder>",
+                        "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>", "[UNK]"]
+JANUS_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}<|User|>: {% else %}<|Assistant|>: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image_placeholder>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %}\n\n{% else %}<｜end▁of▁sentence｜>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+TOKENIZER_STYLES = {  # special tokens, named tokens and chat template of the model family the tokenizer is for
+    "qwen": dict(special=SPECIAL_TOKENS, template=CHAT_TEMPLATE, extra_words=[],
+                 named=dict(eos_token="<|im_end|>", pad_token="<|endoftext|>"),
+                 extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}),
+    "janus": dict(special=JANUS_SPECIAL_TOKENS, template=JANUS_CHAT_TEMPLATE, extra_words=[":"],
+                  named=dict(bos_token=JANUS_SPECIAL_TOKENS[0], eos_token=JANUS_SPECIAL_TOKENS[1],
+                             pad_token=JANUS_SPECIAL_TOKENS[2]),
+                  extra_special={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                                 "eoi_token": "<end_of_image>"}),
+}
+
+
+def vocabulary(style: str = "qwen") -> list[str]:
+    """Every word the world's captions, prompt and chat roles use (fixed order: ids are stable), after the
+    special tokens of the tokenizer style (TOKENIZER_STYLES)."""
     words = ["a", "at", "the", "and", ",", ".", "some", "shapes", "system", "user", "assistant", "generate"]
     words += list(SIZES) + list(COLORS) + list(SHAPES)
     words += sorted({w for p in POSITIONS for w in p.split()} | set(CAPTION_PROMPT.replace(".", " ").split()))
-    return SPECIAL_TOKENS + list(dict.fromkeys(words))
+    spec = TOKENIZER_STYLES[style]
+    return spec["special"] + list(dict.fromkeys(words + spec["extra_words"]))
 
 
-def build_tokenizer():
-    """A word-level `PreTrainedTokenizerFast` with Qwen2.5-VL's special tokens and chat template, so
-    the tiny encoder runs through the same Qwen2.5-VL processor code as the real 3B one."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+def build_tokenizer(style: str = "qwen"):
+    """A word-level `PreTrainedTokenizerFast` with the special tokens and chat template of Qwen2.5-VL (the
+    UAE's encoder) or of Janus-Pro (UMM-2), so the tiny models run through the same processor code as the
+    real ones. Janus's tokenizer starts every text with its bos token, as the real (Llama) one does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    if style not in TOKENIZER_STYLES:
+        raise ValueError(f"tokenizer style must be one of {sorted(TOKENIZER_STYLES)}, got {style!r}")
+    spec = TOKENIZER_STYLES[style]
+    vocab = {w: i for i, w in enumerate(vocabulary(style))}
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()  # words and punctuation; newlines vanish
     core.decoder = decoders.WordPiece(cleanup=True)  # join with spaces, then "a ." -> "a."
-    core.add_special_tokens(SPECIAL_TOKENS)  # matched whole, before pre-tokenization
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="[UNK]",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    core.add_special_tokens(spec["special"])  # matched whole, before pre-tokenization
+    bos = spec["named"].get("bos_token")
+    if bos:
+        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", **spec["named"],
+                                        extra_special_tokens=spec["extra_special"])
+    tokenizer.chat_template = spec["template"]
     return tokenizer
 
 

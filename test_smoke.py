@@ -1198,6 +1198,239 @@ def test_grpo_gradient_at_ratio_one_is_policy_gradient():
     torch.testing.assert_close(logp.grad, torch.zeros(2, 2))
 
 
+# ----------------------------------------------------------------------------- umm2.py: UMM-2, one network that describes and draws
+
+import umm2  # noqa: E402
+
+UMM2_TEXTS = ["a red circle.", "a small blue square at the top left."]  # prompts of two lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def tiny_janus(tmp_path_factory):
+    """A tiny Janus built from JanusConfig and saved in the transformers layout of a Janus-Pro directory (model
+    and processor in one folder): the built model and the folder."""
+    torch.manual_seed(0)
+    processor = umm2.build_processor(shapes.build_tokenizer("janus"), image_size=32, patch_size=8)
+    built = umm2.UMM2.build_tiny(processor, llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1, vision_hidden=32,
+                                 vision_layers=1, codebook_size=64, code_dim=4, vq_levels=4, max_caption_tokens=12).eval()
+    path = tmp_path_factory.mktemp("janus_pro_layout")
+    built.llm.save_pretrained(path)
+    processor.save_pretrained(path)
+    return built, str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_umm2(tiny_janus):
+    return umm2.UMM2.from_pretrained(tiny_janus[1], dtype=torch.float32, max_caption_tokens=12).eval()
+
+
+def _sequential_sampler(distribution, keys, width, placeholder, eos=None, greedy=False):
+    """What settle must reproduce: position by position, the token drawn (Gumbel-max with the same noise keys,
+    or argmax) from a teacher-forced pass over `width` tokens whose later ones are placeholders."""
+    tokens = torch.full((len(keys), width), placeholder)
+    done = torch.zeros(len(keys), dtype=torch.bool)
+    for t in range(width):
+        log_probs = distribution(tokens)[:, t]
+        token = log_probs.argmax(-1) if greedy else umm2.gumbel_max(log_probs, keys[:, t])
+        tokens[:, t] = torch.where(done, placeholder, token)
+        done |= tokens[:, t] == eos
+    return tokens
+
+
+def test_gumbel_max_draws_from_the_distribution_and_repeats_with_its_keys():
+    def lowbias32(x):  # C. Wellons' hash in plain Python integers
+        for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            x = ((x ^ (x >> shift)) * mult) % 2 ** 32
+        return x ^ (x >> 16)
+    x = torch.randint(0, 2 ** 32, (1000,), generator=torch.Generator().manual_seed(0))
+    assert umm2.mix32(x).tolist() == [lowbias32(v) for v in x.tolist()]
+    p = torch.tensor([0.2, 0.0, 0.5, 0.3])
+    keys = umm2.noise_keys(4000, 5, torch.Generator().manual_seed(0))  # 20,000 draws: a frequency's std <= 0.0036
+    tokens = umm2.gumbel_max(p.log().expand(4000, 5, 4), keys)
+    frequency = torch.bincount(tokens.flatten(), minlength=4) / tokens.numel()
+    assert frequency[1] == 0 and (frequency - p).abs().max() < 0.015
+    assert torch.equal(umm2.gumbel_max(p.log().expand(4000, 5, 4), keys), tokens)  # the same keys: the same draws
+    assert torch.equal(umm2.gumbel_max(p.log().expand(4, 4), keys[:4, 2]), tokens[:4, 2])  # one position alone
+
+
+def test_umm2_loads_a_janus_pro_layout_directory(tiny_janus, tiny_umm2):
+    built, path = tiny_janus
+    files = set(os.listdir(path))
+    assert {"config.json", "model.safetensors", "processor_config.json", "tokenizer.json"} <= files
+    assert json.load(open(os.path.join(path, "config.json")))["model_type"] == "janus"
+    assert type(tiny_umm2.processor).__name__ == "JanusProcessor" and tiny_umm2.sources == {"llm": path, "processor": path}
+    assert (tiny_umm2.image_tokens, tiny_umm2.image_size) == (16, 32)  # a 4 x 4 grid of VQ tokens, f = 8
+    images, _ = _scene_images(2)
+    with torch.no_grad():
+        c = built.caption(images, greedy=True, check=False)
+        prompt = built.image_prompt(UMM2_TEXTS)
+        tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tiny_umm2.caption_logprobs(c.prompt, c.ids), built.caption_logprobs(c.prompt, c.ids))
+        assert torch.equal(tiny_umm2.image_logprobs(prompt, tokens), built.image_logprobs(prompt, tokens))
+    half = umm2.UMM2.from_pretrained(path)  # the paper default: every weight in bfloat16
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        umm2.UMM2.from_pretrained(path + "_missing")
+
+
+def test_umm2_captions_are_the_teacher_forced_sampler_and_record_its_log_probs(tiny_umm2):
+    images, _ = _scene_images(2)
+    model, temperature = tiny_umm2, 0.7
+    c = model.caption(images, num_samples=3, temperature=temperature, generator=torch.Generator().manual_seed(1))
+    assert c.ids.shape[0] == 6 and c.log_probs.shape == c.ids.shape and len(c.texts) == 6
+    valid = c.mask.bool()
+    with torch.no_grad():  # the update's pass: the recorded log-probs bit for bit, wherever the policy chose
+        assert torch.equal(model.caption_logprobs(c.prompt, c.ids, temperature)[valid], c.log_probs[valid])
+        assert (c.log_probs[~valid] == 0).all() and torch.isfinite(c.log_probs).all()
+        keys = umm2.noise_keys(6, model.caption_cap(), torch.Generator().manual_seed(1))
+        eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+        for greedy, ids in ((False, c.ids), (True, model.caption(images, 3, temperature, greedy=True).ids)):
+            reference = _sequential_sampler(lambda t: model._caption_distribution(c.prompt, t, temperature), keys,
+                                            ids.shape[1], pad, eos, greedy)
+            assert torch.equal(ids, reference)
+    assert len(set(c.texts)) > 1  # sampled: the three captions of an image are not all one
+    assert model.describe(images, greedy=True, batch_size=1) == model.caption(images, greedy=True).texts
+
+
+def test_umm2_image_tokens_with_guidance_are_the_teacher_forced_sampler(tiny_umm2, monkeypatch):
+    model, scale, temperature = tiny_umm2, 3.0, 1.0
+
+    def draw():
+        return model.draw(UMM2_TEXTS, num_samples=2, cfg_scale=scale, temperature=temperature,
+                          generator=torch.Generator().manual_seed(2))
+    r = draw()
+    assert r.tokens.shape == (4, 16) and r.texts == [UMM2_TEXTS[0]] * 2 + [UMM2_TEXTS[1]] * 2 and r.rounds == 1
+    assert (r.prompt["attention_mask"][:2] == 0).any()  # the shorter caption is left-padded
+    keys = umm2.noise_keys(4, 16, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model.image_logprobs(r.prompt, r.tokens, scale, temperature), r.log_probs)  # bit for bit
+        reference = _sequential_sampler(lambda t: model._image_distribution(r.prompt, t, scale, temperature), keys,
+                                        16, 0)
+        assert torch.equal(r.tokens, reference)
+        # the recorded log-prob is the guided distribution's, u + s (c - u) by hand for the first token, where the
+        # unconditional prompt keeps bos and <begin_of_image> and pads the caption away
+        ids, mask = r.prompt["input_ids"], r.prompt["attention_mask"]
+        keep = (ids == model.tokenizer.bos_token_id) | (ids == model.tokenizer.convert_tokens_to_ids("<begin_of_image>"))
+        uncond = torch.where(keep, ids, model.tokenizer.pad_token_id)
+        head = lambda i: model.llm.model.generation_head(  # noqa: E731
+            model.llm.model.language_model(input_ids=i, attention_mask=mask,
+                                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state[:, -1])
+        c, u = head(ids), head(uncond)
+        first = ((u + scale * (c - u)) / temperature).log_softmax(-1).gather(-1, r.tokens[:, :1])[:, 0]
+        torch.testing.assert_close(r.log_probs[:, 0], first, atol=1e-5, rtol=1e-5)
+        assert (model.image_logprobs(r.prompt, r.tokens, 1.0, temperature) - r.log_probs).abs().max() > 1e-3
+    # a draft that is wrong everywhere: each teacher-forced check fixes a row's first wrong token, the result is
+    # still the sequential sampler's
+    draft = model._draft_images
+
+    def wrong_draft(prompt, keys, cfg_scale, temperature, given=None, start=None):
+        tokens = draft(prompt, keys, cfg_scale, temperature, given, start)
+        drafted = torch.arange(16) >= (0 if start is None else start[:, None])
+        return torch.where(drafted, (tokens + 1) % 64, tokens)
+    monkeypatch.setattr(model, "_draft_images", wrong_draft)
+    fixed = draw()
+    assert torch.equal(fixed.tokens, r.tokens) and torch.equal(fixed.log_probs, r.log_probs) and fixed.rounds == 17
+    monkeypatch.undo()
+    # VQ: tokens -> pixels in [0, 1] at the tokenizer's size, and back to a token grid
+    with torch.no_grad():
+        images = model.generate(UMM2_TEXTS, cfg_scale=scale, generator=torch.Generator().manual_seed(2), batch_size=1)
+        assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+        tokens = model.encode_images(images)
+        assert tokens.shape == (2, 16) and tokens.max() < 64
+    with pytest.raises(ValueError, match="reads 32x32"):
+        model.encode_images(images[..., :16, :16])
+
+
+def test_umm2_lora_off_is_the_base_bit_for_bit_and_on_changes_both_directions(tiny_umm2, tmp_path):
+    import copy
+    model = copy.deepcopy(tiny_umm2).requires_grad_(False)
+    images, _ = _scene_images(2)
+    with torch.no_grad():
+        c = model.caption(images, greedy=True, check=False)
+        r = model.draw(UMM2_TEXTS, cfg_scale=3.0, generator=torch.Generator().manual_seed(0), check=False)
+
+        def outputs():
+            return model.caption_logprobs(c.prompt, c.ids), model.image_logprobs(r.prompt, r.tokens, 3.0)
+        base = outputs()
+        params = model.add_lora("llm", r=4, alpha=8)
+        assert len(params) == 2 * 4 * 2  # A and B of q, k, v, o in each of 2 layers, nothing else
+        adapted = lora.lora_layers(model.llm)
+        assert all(name.startswith("model.language_model.layers.") for name in adapted)  # not the vision encoder's q/k/v
+        assert all(torch.equal(a, b) for a, b in zip(outputs(), base))  # B = 0: the adapted model starts as the base
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.1)
+        on = outputs()
+        assert all((a - b).abs().max() > 1e-4 for a, b in zip(on, base))  # describing and drawing both move
+        with lora.lora_disabled(model.llm):  # the GRPO reference: adapters off, bit for bit the base
+            assert all(torch.equal(a, b) for a, b in zip(outputs(), base))
+        assert all(torch.equal(a, b) for a, b in zip(outputs(), on))
+        rollout = model.draw(UMM2_TEXTS, 2, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
+        captions = model.caption(images, 2, generator=torch.Generator().manual_seed(1))
+    # the update's teacher-forced passes, gradients on: ratio exactly 1 on-policy, and GRPO reaches the adapters
+    # through captions and image tokens (with CFG: both the conditional and the unconditional rows)
+    valid = captions.mask.bool()
+    logp_image = model.image_logprobs(rollout.prompt, rollout.tokens, 3.0)
+    logp_caption = torch.where(valid, model.caption_logprobs(captions.prompt, captions.ids), 0.0)
+    assert torch.equal(logp_image.detach(), rollout.log_probs) and torch.equal(logp_caption.detach(), captions.log_probs)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    loss = (M.grpo_loss(logp_image, rollout.log_probs, None, advantages, torch.ones_like(logp_image), beta=0.0) +
+            M.grpo_loss(logp_caption, captions.log_probs, None, advantages, valid.float(), beta=0.0))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in params) and all(p.grad.abs().sum() > 0 for p in params[1::2])
+    lora.save_lora(model.llm, str(tmp_path), 4, 8)
+    from safetensors.torch import load_file
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in load_file(
+        tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="one network to adapt"):
+        model.add_lora("transformer", 4, 8)
+
+
+def test_umm2_save_load_bit_identical_relocatable_and_adapter_only_stages(tiny_umm2, tmp_path):
+    import copy
+    import shutil
+    images, _ = _scene_images(2)
+
+    def outputs(model):
+        with torch.no_grad():
+            c = model.caption(images, 2, generator=torch.Generator().manual_seed(3))
+            r = model.draw(UMM2_TEXTS, 2, cfg_scale=3.0, generator=torch.Generator().manual_seed(3))
+            return [c.ids, c.log_probs, r.tokens, r.log_probs]
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+    out = tmp_path / "out"
+    with common.atomic_dir(str(out / "base")) as tmp:  # how save_checkpoint writes it
+        tiny_umm2.save(tmp)
+    assert sorted(os.listdir(out / "base")) == ["llm", "model.json", "processor"]
+    base = umm2.UMM2.load(str(out / "base")).eval()
+    assert same(outputs(base), outputs(tiny_umm2))
+    # a LoRA stage on top: only its adapter is written, the LLM referenced beside it (relative)
+    policy = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in policy.add_lora("llm", 4, 8):
+            p.add_(torch.randn_like(p) * 0.1)
+    policy.save(str(out / "rl"), trained=("llm",))
+    meta = json.load(open(out / "rl" / "model.json"))
+    assert meta["architecture"] == "UMM2" and meta["parts"]["llm"] == "../base/llm" and meta["adapters"] == {"llm": ["lora_llm"]}
+    assert not (out / "rl" / "llm").exists()
+    rl = umm2.UMM2.load(str(out / "rl")).eval()  # the adapter arrives merged: W + alpha / r B A
+    with torch.no_grad():
+        c = rl.caption(images, greedy=True, check=False)
+        torch.testing.assert_close(rl.caption_logprobs(c.prompt, c.ids), policy.caption_logprobs(c.prompt, c.ids),
+                                   atol=1e-5, rtol=1e-5)
+    expected = outputs(rl)
+    shutil.move(str(out), str(tmp_path / "moved"))  # the folder of stages moves as a whole
+    assert same(outputs(umm2.UMM2.load(str(tmp_path / "moved" / "rl"))), expected)
+    with pytest.raises(ValueError, match="holds a UMM2 checkpoint"):
+        M.UAE.load(str(tmp_path / "moved" / "base"))
+    # on top of a Janus-Pro directory: the directory is referenced where it lives, never copied
+    tiny_umm2_policy = copy.deepcopy(tiny_umm2)
+    tiny_umm2_policy.add_lora("llm", 4, 8)
+    tiny_umm2_policy.save(str(tmp_path / "paper_rl"), trained=("llm",))
+    assert json.load(open(tmp_path / "paper_rl" / "model.json"))["parts"] == {"llm": tiny_umm2.sources["llm"],
+                                                                            "processor": tiny_umm2.sources["processor"]}
+
+
 # ----------------------------------------------------------------------------- paper scale: loading real layouts
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
