@@ -2774,3 +2774,35 @@ def test_plan_weights_grads_optimizer_and_ema_match_a_real_step(paper_dirs):
         for key, value in measured.items():
             print(f"{predicted.name} {key}: measured {value} B, predicted {getattr(predicted, key):.0f} B")
             assert abs(getattr(predicted, key) - value) <= 0.2 * value + 1024  # AdamW's step counters: 4 B each
+
+
+def test_decoder_diag_counts_errors_and_splits_the_outcome_variance(tiny_world):
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import decoder_diag
+    import eval_unified
+    O = shapes.Obj
+    scene = (O("top left", "red", "circle", "large"), O("center", "blue", "square", "small"))
+    drawn = (O("top left", "red", "circle", "small"), O("right", "blue", "square", "small"),
+             O("bottom right", "green", "triangle", "large"))
+    assert decoder_diag.errors(drawn, scene) == {"missing": 0, "extra": 1, "wrong_pos": 1, "wrong_size": 1}
+    assert decoder_diag.errors(scene[:1], scene) == {"missing": 1, "extra": 0, "wrong_pos": 0, "wrong_size": 0}
+    ckpt, data = str(tiny_world / "dec"), str(tiny_world / "val.jsonl")
+    args = [f"--ckpts={ckpt}", f"--data={data}", "--n=6", "--steps=2", "--compile=False"]
+    got = decoder_diag.main(args + ["--seeds=1"])[ckpt]
+    # the same drawings as eval_unified's GenEval-shapes: same seed, sampler and rounding
+    records = read_jsonl(data)[:6]
+    model = M.UAE.load(ckpt).eval()
+    cfg = eval_unified.configure(eval_unified.config, ["--sample_steps=2", "--batch_size=50"])
+    rt = common.setup_runtime("cpu", "auto", 0)
+    images = eval_unified.generate_from(model, rt, [r["caption"] for r in records], cfg, torch.Generator().manual_seed(0))
+    assert got["exact"] == shapes.generation_report(images, shapes.scenes_of(records))["overall"]
+    # the variance split by hand: caption 0 decided by the latent (right for one, wrong for the other), caption 1
+    # by the SDE noise (one of two draws right under each latent); variances 1/4 and 1/4, within 0 and 1/4
+    ok = np.array([[[1, 1], [1, 0]], [[0, 0], [0, 1]]], bool)  # (latents, draws, captions)
+    assert decoder_diag.variance_split(ok) == (0.25, 0.125)
+    run = decoder_diag.main(args + ["--mode=credit", "--seeds=2", "--latents=2"])[ckpt]
+    assert 0.0 <= run["sde_variance"] <= run["variance"] and 0.0 <= run["exact"] <= 1.0
+    with pytest.raises(ValueError, match="credit needs SDE noise"):
+        decoder_diag.main(args + ["--mode=credit", "--noise_level=0.0"])
+    with pytest.raises(ValueError, match="mode='x'"):
+        decoder_diag.main(args + ["--mode=x"])
