@@ -45,11 +45,16 @@ def read_records(path: str, need_caption: bool = True) -> list[dict]:
 
 def jsonl_lines(path: str, kind: str = "dataset"):
     """(file:line, parsed JSON) of each non-blank line of a JSONL file; a missing file (`kind` says what it
-    should be) and a line that is not JSON are errors naming them."""
+    should be) and a line that is not UTF-8 or not JSON are errors naming them."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such {kind} file")
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"JSONL files are UTF-8 text") from None
             if not line.strip():
                 continue
             try:
