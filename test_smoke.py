@@ -1036,7 +1036,7 @@ def test_start_run_recovers_interrupted_save_and_refuses_float16(tmp_path):
     # bad settings are named before any work: an empty or file out_dir, max_steps < 1, an unknown dtype
     (tmp_path / "a_file").write_text("x")
     for change, message in [({"out_dir": ""}, "out_dir is empty"), ({"out_dir": str(tmp_path / "a_file")}, "is a file"),
-                            ({"max_steps": -5}, "max_steps=-5: must be at least 1"), ({"dtype": "foo"}, "dtype='foo': must be one of")]:
+                            ({"max_steps": -5}, "'max_steps'=-5: must be >= 1"), ({"dtype": "foo"}, "dtype='foo': must be one of")]:
         with pytest.raises(ValueError, match=message):
             common.start_run(SimpleNamespace(**{**vars(cfg), **change}))
     (tmp_path / "run" / "training_state.pt").write_bytes(b"truncated")  # a damaged checkpoint is named, with the remedy
@@ -2006,7 +2006,7 @@ def test_eval_unified_checkpoint_on_shapes_bench(tiny_world, tmp_path):
     assert set(results["generation_partial"]) == {"satisfied", "mentioned_object_recall", "extra_objects", "objects_left_out",
                                                   "satisfied_per_image", "extra_objects_per_image"}
     assert set(results["unification"]) == {"unified_score", "reward_cosine", "scene_f1", "mentioned_object_recall",
-                                           "captions_cut", "turns_cut"}
+                                           "captions_cut", "turns_cut", "unknown_word_captions"}
     assert results["model_types"] == ["clip", "dinov2"]
     assert all(s["total_images"] == s["valid_pairs"] == 8 for s in results["statistics_by_model"].values())
     assert len(os.listdir(out / "reconstructions")) == 8
@@ -2515,7 +2515,7 @@ def test_plan_weights_grads_optimizer_and_ema_match_a_real_step(paper_dirs):
     dirs = [f"qwen_dir={paper_dirs[0]}", f"sd3_dir={paper_dirs[1]}", "image_size=16", "reward_backbone=", "device=cpu",
             "fsdp=False"]
     cfg = plan.stage_config("pretrain_decoder", dirs)
-    model = pretrain_decoder.build_model(cfg, common.setup_runtime("cpu", "bfloat16"))
+    model = pretrain_decoder.build_model(cfg, common.setup_runtime("cpu", "bfloat16"), (16, 16))
     models = {"llm": model.llm, "transformer": model.transformer, "vae": model.vae, "clip": None}
     with torch.no_grad():
         hidden = model.text_hidden_states(["a cat sits on a red mat.", "a dog."])
