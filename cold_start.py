@@ -141,7 +141,7 @@ def main(argv=None):
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))  # images read per step: any dataset size
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_images=True)  # images read per step: any dataset size
     model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype), decoder_dtype=torch.float32).to(rt.device)
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     anchors = model.check_texts(train, "caption")  # the anchor's texts: what the decoder learned to read

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from configurator import above, at_least, between, check, one_of
+from configurator import above, at_least, between, check, must, one_of
 from reward import parse_spec
 
 # ============================================================================ runtime
@@ -158,6 +158,8 @@ RULES = dict(
     max_steps=at_least(1),  # optimizer steps
     batch_size=at_least(1),  # global batch
     micro_batch=at_least(0, "0 = the whole batch at once"),  # rows per forward/backward
+    fsdp=must(lambda v, c: not v or int(os.environ.get("WORLD_SIZE", "1")) > 1,
+              "False outside a torchrun launch of 2+ processes (FSDP shards over the ranks)"),
     lr=at_least(0.0),  # learning rates: 0 runs (nothing moves)
     lr_lora=at_least(0.0),
     lr_decoder=at_least(0.0),

@@ -19,6 +19,7 @@ form. A rule is a function (value, cfg) -> None when the value is fine, else wha
 must, at_least, above, between, one_of and parses build them.
 """
 import ast
+import math
 from types import SimpleNamespace
 
 
@@ -78,11 +79,11 @@ def must(ok, form: str):
 
 
 def at_least(lo, why: str = ""):
-    return must(lambda v, c: v >= lo, f">= {lo}" + (f" ({why})" if why else ""))
+    return must(lambda v, c: lo <= v < math.inf, f">= {lo}" + (f" ({why})" if why else ""))
 
 
 def above(lo, why: str = ""):
-    return must(lambda v, c: v > lo, f"> {lo}" + (f" ({why})" if why else ""))
+    return must(lambda v, c: lo < v < math.inf, f"> {lo}" + (f" ({why})" if why else ""))
 
 
 def between(lo, hi, why: str = ""):

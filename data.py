@@ -64,16 +64,20 @@ def jsonl_lines(path: str, kind: str = "dataset"):
             yield f"{path}:{lineno}", row
 
 
-def read_jsonl(path: str, need_caption: bool = True) -> list[dict]:
+def read_jsonl(path: str, need_caption: bool = True, need_images: bool = False) -> list[dict]:
     """Records of a JSONL file, each with its absolute image path in `image_path` and its file:line in
-    `where`. need_caption=False: lines without a caption are fine (a caption given must still be text)."""
+    `where`. need_caption=False: lines without a caption are fine (a caption given must still be text).
+    need_images: every image file must exist now (for a stage that reads images per step, which would otherwise
+    stop at the first missing one, midway); its contents are checked when it is read (load_image)."""
     root, records = os.path.dirname(os.path.abspath(path)), []
     for where, record in jsonl_lines(path):
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"].strip():
             raise DataError(f"{where}: each line needs an \"image\" string")
         if (need_caption or "caption" in record) and not (isinstance(record.get("caption"), str) and record["caption"].strip()):
             raise DataError(f"{where}: missing or empty \"caption\"")
         record["image_path"] = os.path.join(root, record["image"])
+        if need_images and not os.path.isfile(record["image_path"]):
+            raise DataError(f"{where}: cannot read image {record['image_path']} (no such file)")
         record["where"] = where
         records.append(record)
     if not records:

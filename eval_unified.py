@@ -186,6 +186,11 @@ def evaluate(cfg) -> dict:
                 raise DataError(f"{r['where']}: image file name {name} gives reconstruction {file}, as {first[file]} does")
         scenes = shapes.scenes_of(records)  # the shapes world's: exact oracle tables
         sources = [load_image(r, over_white=False) for r in records]  # as the released scorer reads them; sizes mixed
+        if scenes is not None:  # the oracle reads the world's canvas
+            odd = next((r for r, s in zip(records, sources) if s.shape != (shapes.CANVAS, shapes.CANVAS, 3)), None)
+            if odd is not None:
+                raise DataError(f"{odd['where']}: image {odd['image_path']} is not {shapes.CANVAS}x{shapes.CANVAS}, the shapes "
+                                f"world's canvas its \"scene\" is read on")
     # ---- models
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     judges = {}

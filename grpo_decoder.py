@@ -180,7 +180,7 @@ def main(argv=None):
         return
     local = rt.per_rank(cfg.captions_per_step, "captions_per_step")  # a caption's group stays on one rank
     # ---- data (every line checked before any model is loaded; the probe's captions once the tokenizer is there)
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False)  # images read per step
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False, need_images=True)  # images read per step
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     val_scenes = shapes.scenes_of(val)
     model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
@@ -199,7 +199,8 @@ def main(argv=None):
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the DiT")
     reward_fn = ReconstructionReward(load_backbone(cfg.reward_backbone, rt.device))
-    t_start, guard, first = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), True
+    # the on-policy check runs before any update: not in a resumed run, whose log then matches an unbroken run's
+    t_start, guard, first = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), state is None
     if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
         probe(model, rt, val_captions, val_scenes, cfg, step)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)

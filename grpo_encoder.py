@@ -175,7 +175,7 @@ def main(argv=None):
         return
     local_images = rt.per_rank(cfg.images_per_step, "images_per_step")  # an image's group stays on one rank
     # ---- data (every line checked before any model is loaded)
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False)  # images read per step
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False, need_images=True)  # images read per step
     probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"), need_caption=False)[:cfg.probe_n]
     probe_scenes = shapes.scenes_of(probe_records)
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model

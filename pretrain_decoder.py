@@ -39,7 +39,7 @@ from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, checkpoint_rule, end_run, folder_rule,
     full_tensor, like_param, lr_at, load_optimizer_state, micro_slices, NonFiniteGuard, reshard, RULES, save_checkpoint,
     set_rng_state, shard, start_run)
-from configurator import above, at_least, between, configure, one_of, only_if, parses
+from configurator import above, at_least, between, configure, must, one_of, only_if, parses
 from data import load_images, read_jsonl
 
 config = dict(
@@ -111,9 +111,10 @@ rules = RULES | dict(  # valid values beyond the types (configurator), checked b
     max_text_tokens=at_least(1),  # that the captions fit: corpus
     prediction=one_of("velocity", "sample"),
     timestep_shift=above(0.0),
+    timestep_mean=must(lambda v, c: math.isfinite(v), "a finite number"),
     loss_space=one_of("velocity", "sample"),
     cond_dropout=between(0.0, 1.0, "a probability"),
-    ema_decay=between(0.0, 1.0),
+    ema_decay=must(lambda v, c: 0 <= v < 1, "in [0, 1): at 1 the EMA, which the checkpoint holds, never moves"),
 )
 
 
@@ -263,7 +264,7 @@ def main(argv=None):
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
     # ---- data (every line checked before any model is built; the captions' words and lengths once the tokenizer is there)
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_images=True)  # paper scale: images read per step
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     mix = caption_mix(cfg.captions)
     val_scenes = shapes.scenes_of(val)  # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5)

@@ -313,6 +313,8 @@ def detect_scene(image) -> tuple:
     blob of at least MIN_OBJECT_PIXELS is an object whose size and shape come from classify_blob.
     Objects never leave their cell (jitter is bounded), so cells separate same-coloured objects."""
     rgb = to_uint8_hwc(image).astype(np.float32)
+    if rgb.shape != (CANVAS, CANVAS, 3):  # the cells are those of the world's canvas: another size reads garbage
+        raise ValueError(f"detect_scene reads {CANVAS}x{CANVAS} RGB images of the shapes world, got {rgb.shape[1]}x{rgb.shape[0]}")
     dist = np.linalg.norm(rgb[:, :, None, :] - _PALETTE[None, None], axis=-1)
     label = dist.argmin(-1)
     label[dist.min(-1) > MAX_COLOR_DISTANCE] = 0
