@@ -15,7 +15,7 @@ names the key (and the file) and lists the valid keys. An int is accepted where 
 Beyond its type a value may have to lie in a range, be one of a few words, parse as a spec or name a file:
 a script passes `rules`, {key: rule}, one line each beside its config, and configure checks the final
 values before the script does anything else, every bad one named in one error with its valid range or
-form. A rule is a function (value, cfg) -> None when the value is fine, else what is wrong ("must be >= 1");
+form. A rule is a function (value, cfg) -> None when the value is fine, else what is wrong ("must be at least 1");
 must, at_least, above, between, one_of and parses build them.
 """
 import ast
@@ -79,11 +79,11 @@ def must(ok, form: str):
 
 
 def at_least(lo, why: str = ""):
-    return must(lambda v, c: lo <= v < math.inf, f">= {lo}" + (f" ({why})" if why else ""))
+    return must(lambda v, c: lo <= v < math.inf, f"at least {lo}" + (f" ({why})" if why else ""))
 
 
 def above(lo, why: str = ""):
-    return must(lambda v, c: lo < v < math.inf, f"> {lo}" + (f" ({why})" if why else ""))
+    return must(lambda v, c: lo < v < math.inf, f"more than {lo}" + (f" ({why})" if why else ""))
 
 
 def between(lo, hi, why: str = ""):
@@ -116,7 +116,7 @@ def check(cfg: SimpleNamespace, rules: dict):
     for key, value in vars(cfg).items():
         problem = rules[key](value, cfg) if key in rules else None
         if problem is not None:
-            problems.append(f"config key '{key}'={value!r}: {problem}")
+            problems.append(f"config key {key}={value!r}: {problem}")
     if problems:
         raise ConfigError("\n".join(problems) if len(problems) == 1 else
                           f"{len(problems)} config values are invalid:\n" + "\n".join(problems))

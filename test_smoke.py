@@ -1036,7 +1036,7 @@ def test_start_run_recovers_interrupted_save_and_refuses_float16(tmp_path):
     # bad settings are named before any work: an empty or file out_dir, max_steps < 1, an unknown dtype
     (tmp_path / "a_file").write_text("x")
     for change, message in [({"out_dir": ""}, "out_dir is empty"), ({"out_dir": str(tmp_path / "a_file")}, "is a file"),
-                            ({"max_steps": -5}, "'max_steps'=-5: must be >= 1"), ({"dtype": "foo"}, "dtype='foo': must be one of")]:
+                            ({"max_steps": -5}, "max_steps=-5: must be at least 1"), ({"dtype": "foo"}, "dtype='foo': must be one of")]:
         with pytest.raises(ValueError, match=message):
             common.start_run(SimpleNamespace(**{**vars(cfg), **change}))
     (tmp_path / "run" / "training_state.pt").write_bytes(b"truncated")  # a damaged checkpoint is named, with the remedy
@@ -2557,16 +2557,16 @@ def test_config_rules_name_each_bad_value_with_its_valid_range(tmp_path):
              "path": only_if(lambda c: c.kind == "b", must(lambda v, c: os.path.isdir(v), "a directory"))}
     assert configure(defaults, ["--lr=0"], rules).lr == 0.0  # odd but valid: runs
     assert configure(defaults, ["--path=/nope"], rules).path == "/nope"  # only checked where it is used
-    for flags, error in [(["--n=0"], "config key 'n'=0: must be >= 1"), (["--lr=-1"], "config key 'lr'=-1.0: must be >= 0.0"),
-                         (["--lr=1e999"], "config key 'lr'=inf: must be >= 0.0"),
-                         (["--kind=c"], "config key 'kind'='c': must be one of 'a', 'b'"),
-                         (["--spec=x"], "config key 'spec'='x': 'x' is not name:value"),
-                         (["--heads=3"], "config key 'hidden'=8: must be a multiple of heads"),
-                         (["--heads=0"], "config key 'heads'=0: must be > 0"),  # the hidden rule's division by 0: invalid too
-                         (["--kind=b", "--path=/nope"], "config key 'path'='/nope': must be a directory")]:
+    for flags, error in [(["--n=0"], "config key n=0: must be at least 1"), (["--lr=-1"], "config key lr=-1.0: must be at least 0.0"),
+                         (["--lr=1e999"], "config key lr=inf: must be at least 0.0"),
+                         (["--kind=c"], "config key kind='c': must be one of 'a', 'b'"),
+                         (["--spec=x"], "config key spec='x': 'x' is not name:value"),
+                         (["--heads=3"], "config key hidden=8: must be a multiple of heads"),
+                         (["--heads=0"], "config key heads=0: must be more than 0"),  # the hidden rule's division by 0: invalid too
+                         (["--kind=b", "--path=/nope"], "config key path='/nope': must be a directory")]:
         with pytest.raises(ConfigError, match=re.escape(error)):
             configure(defaults, flags, rules)
-    with pytest.raises(ConfigError, match=r"2 config values are invalid:\nconfig key 'n'=0: .*\nconfig key 'kind'='c'"):
+    with pytest.raises(ConfigError, match=r"2 config values are invalid:\nconfig key n=0: .*\nconfig key kind='c'"):
         configure(defaults, ["--n=0", "--kind=c"], rules)
 
 
@@ -2610,97 +2610,97 @@ def test_bad_settings_of_every_script_are_named_before_any_model_loads(tiny_worl
             "bench": [f"--init_from={w / 'dec'}", f"--data_dir={w}", f"--reward_backbone=open_clip:ShapesCLIP:{w / 'shapes_clip.pt'}"],
             "plan": [], "prepare": [], "train_vae": [f"--data_dir={w}"]}
     cases = [
-        ("pretrain_encoder", ["--batch_size=0"], "'batch_size'=0: must be >= 1"),
-        ("pretrain_encoder", ["--eval_n=0"], "'eval_n'=0: must be >= 1"),
-        ("pretrain_encoder", ["--lr=-0.1"], "'lr'=-0.1: must be >= 0.0"),
-        ("pretrain_encoder", ["--warmup=-1"], "'warmup'=-1: must be >= 0"),
-        ("pretrain_encoder", ["--grad_clip=0"], "'grad_clip'=0.0: must be > 0.0"),
-        ("pretrain_encoder", ["--save_interval=0"], "'save_interval'=0: must be >= 1"),
-        ("pretrain_encoder", ["--eval_interval=0"], "'eval_interval'=0: must be >= 1"),
-        ("pretrain_encoder", ["--max_bad_steps=0"], "'max_bad_steps'=0: must be >= 1"),
-        ("pretrain_encoder", ["--seed=-1"], "'seed'=-1: must be in [0, 2147483647]"),
-        ("pretrain_encoder", ["--threads=-2"], "'threads'=-2: must be >= 0"),
-        ("pretrain_encoder", ["--dtype=foo"], "'dtype'='foo': must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
-        ("pretrain_encoder", ["--device=tpu"], "'device'='tpu': must be auto, cpu, cuda or cuda:<index>"),
-        ("pretrain_encoder", ["--grounding=1.5"], "'grounding'=1.5: must be in [0.0, 1.0]"),
-        ("pretrain_encoder", ["--llm_hidden=48"], "'llm_hidden'=48: must be a multiple of 16 x llm_heads"),
-        ("pretrain_encoder", ["--llm_heads=3"], "'llm_heads'=3: must be even and >= 2"),
-        ("pretrain_encoder", ["--vision_hidden=100"], "'vision_hidden'=100: must be whole heads"),
-        ("pretrain_encoder", ["--caption_field= "], "'caption_field'=' ': must be a JSONL field name"),
+        ("pretrain_encoder", ["--batch_size=0"], "batch_size=0: must be at least 1"),
+        ("pretrain_encoder", ["--eval_n=0"], "eval_n=0: must be at least 1"),
+        ("pretrain_encoder", ["--lr=-0.1"], "lr=-0.1: must be at least 0.0"),
+        ("pretrain_encoder", ["--warmup=-1"], "warmup=-1: must be at least 0"),
+        ("pretrain_encoder", ["--grad_clip=0"], "grad_clip=0.0: must be more than 0.0"),
+        ("pretrain_encoder", ["--save_interval=0"], "save_interval=0: must be at least 1"),
+        ("pretrain_encoder", ["--eval_interval=0"], "eval_interval=0: must be at least 1"),
+        ("pretrain_encoder", ["--max_bad_steps=0"], "max_bad_steps=0: must be at least 1"),
+        ("pretrain_encoder", ["--seed=-1"], "seed=-1: must be in [0, 2147483647]"),
+        ("pretrain_encoder", ["--threads=-2"], "threads=-2: must be at least 0"),
+        ("pretrain_encoder", ["--dtype=foo"], "dtype='foo': must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
+        ("pretrain_encoder", ["--device=tpu"], "device='tpu': must be auto, cpu, cuda or cuda:<index>"),
+        ("pretrain_encoder", ["--grounding=1.5"], "grounding=1.5: must be in [0.0, 1.0]"),
+        ("pretrain_encoder", ["--llm_hidden=48"], "llm_hidden=48: must be a multiple of 16 x llm_heads"),
+        ("pretrain_encoder", ["--llm_heads=3"], "llm_heads=3: must be even and >= 2"),
+        ("pretrain_encoder", ["--vision_hidden=100"], "vision_hidden=100: must be whole heads"),
+        ("pretrain_encoder", ["--caption_field= "], "caption_field=' ': must be a JSONL field name"),
         ("pretrain_encoder", ["--init_from=/nonexistent"], "must be 'scratch' or a UAE checkpoint directory (a folder with model.json): no such directory"),
         ("pretrain_encoder", [f"--init_from={empty}"], "it has no model.json"),
-        ("pretrain_encoder", [f"--tokenizer_dir={empty}"], "'tokenizer_dir'=" + repr(str(empty)) + ": the directory has no tokenizer.json"),
+        ("pretrain_encoder", [f"--tokenizer_dir={empty}"], "tokenizer_dir=" + repr(str(empty)) + ": the directory has no tokenizer.json"),
         ("pretrain_encoder", [f"--data_dir={empty}"], "the directory has no train.jsonl, val.jsonl"),
         ("pretrain_encoder", [f"--out_dir={a_file / 'sub'}"], f"cannot be created: {a_file} is a file"),
-        ("pretrain_decoder", ["--captions=caption:0"], "'captions'='caption:0': 'caption:0' needs a field name (each once) and a positive weight"),
+        ("pretrain_decoder", ["--captions=caption:0"], "captions='caption:0': 'caption:0' needs a field name (each once) and a positive weight"),
         ("pretrain_decoder", ["--captions=caption:x"], "'caption:x' is not field:weight"),
         ("pretrain_decoder", ["--captions=caption,caption"], "needs a field name (each once)"),
-        ("pretrain_decoder", ["--qk_norm=foo"], "'qk_norm'='foo': must be one of '', 'rms_norm'"),
-        ("pretrain_decoder", ["--prediction=eps"], "'prediction'='eps': must be one of 'velocity', 'sample'"),
-        ("pretrain_decoder", ["--loss_space=x0"], "'loss_space'='x0': must be one of 'velocity', 'sample'"),
-        ("pretrain_decoder", ["--cond_dropout=2"], "'cond_dropout'=2.0: must be in [0.0, 1.0]"),
-        ("pretrain_decoder", ["--ema_decay=1"], "'ema_decay'=1.0: must be in [0, 1)"),
-        ("pretrain_decoder", ["--dit_patch=0"], "'dit_patch'=0: must be >= 1"),
-        ("pretrain_decoder", ["--max_text_tokens=0"], "'max_text_tokens'=0: must be >= 1"),
-        ("pretrain_decoder", ["--image_size=-1"], "'image_size'=-1: must be >= 0"),
-        ("pretrain_decoder", ["--fsdp=True"], "'fsdp'=True: must be False outside a torchrun launch"),
-        ("pretrain_decoder", ["--init_from=pretrained", "--qwen_dir=/nope"], "'qwen_dir'='/nope': no such directory"),
+        ("pretrain_decoder", ["--qk_norm=foo"], "qk_norm='foo': must be one of '', 'rms_norm'"),
+        ("pretrain_decoder", ["--prediction=eps"], "prediction='eps': must be one of 'velocity', 'sample'"),
+        ("pretrain_decoder", ["--loss_space=x0"], "loss_space='x0': must be one of 'velocity', 'sample'"),
+        ("pretrain_decoder", ["--cond_dropout=2"], "cond_dropout=2.0: must be in [0.0, 1.0]"),
+        ("pretrain_decoder", ["--ema_decay=1"], "ema_decay=1.0: must be in [0, 1)"),
+        ("pretrain_decoder", ["--dit_patch=0"], "dit_patch=0: must be at least 1"),
+        ("pretrain_decoder", ["--max_text_tokens=0"], "max_text_tokens=0: must be at least 1"),
+        ("pretrain_decoder", ["--image_size=-1"], "image_size=-1: must be at least 0"),
+        ("pretrain_decoder", ["--fsdp=True"], "fsdp=True: must be False outside a torchrun launch"),
+        ("pretrain_decoder", ["--init_from=pretrained", "--qwen_dir=/nope"], "qwen_dir='/nope': no such directory"),
         ("pretrain_decoder", [f"--out_dir={w / 'enc'}"], "is init_from: a save would replace the checkpoint the run starts from"),
-        ("cold_start", ["--temperature=0"], "'temperature'=0.0: must be > 0.0"),
-        ("cold_start", ["--lora_r=0"], "'lora_r'=0: must be >= 1"),
-        ("cold_start", ["--lora_alpha=0"], "'lora_alpha'=0: must be > 0.0"),
-        ("cold_start", ["--micro_batch=-1"], "'micro_batch'=-1: must be >= 0"),
-        ("cold_start", ["--ce_weight=-1"], "'ce_weight'=-1.0: must be >= 0.0"),
-        ("cold_start", ["--sample_steps=0"], "'sample_steps'=0: must be >= 1"),
+        ("cold_start", ["--temperature=0"], "temperature=0.0: must be more than 0.0"),
+        ("cold_start", ["--lora_r=0"], "lora_r=0: must be at least 1"),
+        ("cold_start", ["--lora_alpha=0"], "lora_alpha=0: must be more than 0.0"),
+        ("cold_start", ["--micro_batch=-1"], "micro_batch=-1: must be at least 0"),
+        ("cold_start", ["--ce_weight=-1"], "ce_weight=-1.0: must be at least 0.0"),
+        ("cold_start", ["--sample_steps=0"], "sample_steps=0: must be at least 1"),
         ("cold_start", ["--reward_backbone=open_clip:ShapesCLIP"], "invalid backbone spec 'open_clip:ShapesCLIP'; valid forms"),
         ("cold_start", ["--reward_backbone=open_clip:ShapesCLIP:/nope.pt"], "open_clip checkpoint not found: '/nope.pt'"),
         ("cold_start", [f"--data_dir={empty}"], "the directory has no train.jsonl"),
-        ("grpo_encoder", ["--group_size=1"], "'group_size'=1: must be >= 2 (GRPO's advantages compare the samples of a group"),
-        ("grpo_encoder", ["--group_size=0"], "'group_size'=0: must be >= 2"),
-        ("grpo_encoder", ["--images_per_step=0"], "'images_per_step'=0: must be >= 1"),
-        ("grpo_encoder", ["--clip_eps=0"], "'clip_eps'=0.0: must be in (0, 1)"),
-        ("grpo_encoder", ["--mu=0"], "'mu'=0: must be >= 1"),
-        ("grpo_encoder", ["--aggregation=mean"], "'aggregation'='mean': must be one of 'token', 'sequence'"),
-        ("grpo_encoder", ["--weights_dtype=int8"], "'weights_dtype'='int8': must be one of 'float32', 'bfloat16', 'float16'"),
-        ("grpo_encoder", ["--beta=-1"], "'beta'=-1.0: must be >= 0.0"),
-        ("grpo_encoder", ["--probe_n=0"], "'probe_n'=0: must be >= 1"),
-        ("grpo_encoder", ["--max_new_tokens=-1"], "'max_new_tokens'=-1: must be >= 0"),
-        ("grpo_decoder", ["--group_size=1"], "'group_size'=1: must be >= 2"),
-        ("grpo_decoder", ["--train_steps=1"], "'train_steps'=1: must be >= 2"),
-        ("grpo_decoder", ["--noise_level=0"], "'noise_level'=0.0: must be > 0.0"),
-        ("grpo_decoder", ["--timestep_fraction=0"], "'timestep_fraction'=0.0: must be in (0, 1]"),
-        ("grpo_decoder", ["--advantage_std=global"], "'advantage_std'='global': must be one of 'group', 'batch'"),
-        ("grpo_decoder", ["--captions_per_step=0"], "'captions_per_step'=0: must be >= 1"),
-        ("grpo_decoder", ["--cfg_scale=-1"], "'cfg_scale'=-1.0: must be >= 0.0"),
-        ("eval_unified", ["--batch_size=0"], "'batch_size'=0: must be >= 1"),
-        ("eval_unified", ["--ckpt=/nope"], "'ckpt'='/nope': must be a UAE checkpoint directory"),
-        ("eval_unified", ["--data=/nope.jsonl"], "'data'='/nope.jsonl': must be a JSONL file or a folder of images"),
+        ("grpo_encoder", ["--group_size=1"], "group_size=1: must be at least 2 (GRPO's advantages compare the samples of a group"),
+        ("grpo_encoder", ["--group_size=0"], "group_size=0: must be at least 2"),
+        ("grpo_encoder", ["--images_per_step=0"], "images_per_step=0: must be at least 1"),
+        ("grpo_encoder", ["--clip_eps=0"], "clip_eps=0.0: must be in (0, 1)"),
+        ("grpo_encoder", ["--mu=0"], "mu=0: must be at least 1"),
+        ("grpo_encoder", ["--aggregation=mean"], "aggregation='mean': must be one of 'token', 'sequence'"),
+        ("grpo_encoder", ["--weights_dtype=int8"], "weights_dtype='int8': must be one of 'float32', 'bfloat16', 'float16'"),
+        ("grpo_encoder", ["--beta=-1"], "beta=-1.0: must be at least 0.0"),
+        ("grpo_encoder", ["--probe_n=0"], "probe_n=0: must be at least 1"),
+        ("grpo_encoder", ["--max_new_tokens=-1"], "max_new_tokens=-1: must be at least 0"),
+        ("grpo_decoder", ["--group_size=1"], "group_size=1: must be at least 2"),
+        ("grpo_decoder", ["--train_steps=1"], "train_steps=1: must be at least 2"),
+        ("grpo_decoder", ["--noise_level=0"], "noise_level=0.0: must be more than 0.0"),
+        ("grpo_decoder", ["--timestep_fraction=0"], "timestep_fraction=0.0: must be in (0, 1]"),
+        ("grpo_decoder", ["--advantage_std=global"], "advantage_std='global': must be one of 'group', 'batch'"),
+        ("grpo_decoder", ["--captions_per_step=0"], "captions_per_step=0: must be at least 1"),
+        ("grpo_decoder", ["--cfg_scale=-1"], "cfg_scale=-1.0: must be at least 0.0"),
+        ("eval_unified", ["--batch_size=0"], "batch_size=0: must be at least 1"),
+        ("eval_unified", ["--ckpt=/nope"], "ckpt='/nope': must be a UAE checkpoint directory"),
+        ("eval_unified", ["--data=/nope.jsonl"], "data='/nope.jsonl': must be a JSONL file or a folder of images"),
         ("eval_unified", ["--dinov2=hf:/nope"], "model directory not found: '/nope'"),
-        ("eval_unified", ["--generated=/nope", f"--references={empty}"], "'generated'='/nope': no such directory"),
-        ("sample", ["--mode=x2y"], "'mode'='x2y': must be one of 'i2t', 't2i', 'i2i'"),
-        ("sample", ["--n=0"], "'n'=0: must be >= 1"),
-        ("sample", ["--ckpt=/nope"], "'ckpt'='/nope': must be a UAE checkpoint directory"),
-        ("bench", ["--steps=1"], "'steps'=1: must be >= 2 (the first timed step is warm-up"),
-        ("bench", ["--kinds=foo"], "'kinds'='foo': must be a comma-separated subset of encoder, decoder"),
+        ("eval_unified", ["--generated=/nope", f"--references={empty}"], "generated='/nope': no such directory"),
+        ("sample", ["--mode=x2y"], "mode='x2y': must be one of 'i2t', 't2i', 'i2i'"),
+        ("sample", ["--n=0"], "n=0: must be at least 1"),
+        ("sample", ["--ckpt=/nope"], "ckpt='/nope': must be a UAE checkpoint directory"),
+        ("bench", ["--steps=1"], "steps=1: must be at least 2 (the first timed step is warm-up"),
+        ("bench", ["--kinds=foo"], "kinds='foo': must be a comma-separated subset of encoder, decoder"),
         ("bench", ["--kinds=encoder,encoder"], "(each once)"),
         ("bench", ["--encoder_args=--nope=1"], "unknown config key 'nope'"),
         ("bench", ["--decoder_args=--group_size=x"], "'group_size' expects int"),
-        ("eval_pairwise", ["--dtype=auto"], "'dtype'='auto': must be one of 'float32', 'bfloat16', 'float16'"),
-        ("eval_pairwise", ["--http_timeout=0"], "'http_timeout'=0.0: must be > 0.0"),
-        ("eval_pairwise", ["--candidate=/nope.jsonl"], "'candidate'='/nope.jsonl': must be a captions.jsonl file"),
-        ("plan", ["--mfu=0"], "'mfu'=0.0: must be in (0, 1]"),
-        ("plan", ["--stages=foo"], "'stages'='foo': must be a comma-separated subset of"),
-        ("prepare", ["--clip_batch=1"], "'clip_batch'=1: must be >= 2"),
-        ("train_vae", ["--norm_num_groups=3"], "'block_out_channels'=(16, 32, 64): must be a tuple of positive channel counts, each divisible by norm_num_groups"),
+        ("eval_pairwise", ["--dtype=auto"], "dtype='auto': must be one of 'float32', 'bfloat16', 'float16'"),
+        ("eval_pairwise", ["--http_timeout=0"], "http_timeout=0.0: must be more than 0.0"),
+        ("eval_pairwise", ["--candidate=/nope.jsonl"], "candidate='/nope.jsonl': must be a captions.jsonl file"),
+        ("plan", ["--mfu=0"], "mfu=0.0: must be in (0, 1]"),
+        ("plan", ["--stages=foo"], "stages='foo': must be a comma-separated subset of"),
+        ("prepare", ["--clip_batch=1"], "clip_batch=1: must be at least 2"),
+        ("train_vae", ["--norm_num_groups=3"], "block_out_channels=(16, 32, 64): must be a tuple of positive channel counts, each divisible by norm_num_groups"),
     ]
     if not torch.cuda.is_available():
-        cases.append(("grpo_encoder", ["--device=cuda"], "'device'='cuda': names a CUDA device, but torch sees no GPU here"))
+        cases.append(("grpo_encoder", ["--device=cuda"], "device='cuda': names a CUDA device, but torch sees no GPU here"))
     for script, flags, error in cases:
         module = __import__(script)
         out = [f"--out_dir={tmp_path / 'out'}"] if "out_dir" in module.config else []
         with pytest.raises(ConfigError, match=re.escape(error)):
             module.main(base[script] + out + flags)
-    with pytest.raises(ConfigError, match=r"2 config values are invalid:\n.*'group_size'=1.*\n.*'mu'=0"):
+    with pytest.raises(ConfigError, match=r"2 config values are invalid:\n.*group_size=1.*\n.*mu=0"):
         __import__("grpo_encoder").main(base["grpo_encoder"] + ["--group_size=1", "--mu=0"])
 
 
