@@ -55,9 +55,12 @@ def _parse_value(text: str, default):
 
 def _read_file(path: str) -> dict:
     try:
-        source = open(path).read()
+        with open(path, "rb") as f:
+            source = f.read().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
     namespace: dict = {}
     exec(compile(source, path, "exec"), namespace)
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)

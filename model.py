@@ -283,7 +283,7 @@ class UAE(nn.Module):
                     for part, stack in meta.get("adapters", {}).items()}
         for part, path in paths.items():
             if not os.path.isdir(path):
-                raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
+                raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}; {remedy}")
         for path in dict.fromkeys([directory, *paths.values(), *(d for stack in adapters.values() for d in stack)]):
             if os.path.isdir(path):  # a missing adapter directory is named by merge_lora
                 check_files(path, remedy)

@@ -2568,6 +2568,9 @@ def test_config_rules_name_each_bad_value_with_its_valid_range(tmp_path):
             configure(defaults, flags, rules)
     with pytest.raises(ConfigError, match=r"2 config values are invalid:\nconfig key n=0: .*\nconfig key kind='c'"):
         configure(defaults, ["--n=0", "--kind=c"], rules)
+    (tmp_path / "latin1.py").write_bytes(b"n = 2  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.py' is not UTF-8 text \(byte 0xe9 at offset 12\)"):
+        configure(defaults, [str(tmp_path / "latin1.py")], rules)
 
 
 SCRIPTS = ("pretrain_encoder", "pretrain_decoder", "cold_start", "grpo_encoder", "grpo_decoder", "eval_unified", "eval_pairwise",
