@@ -27,7 +27,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from configurator import configure
+from common import RULES
+from configurator import at_least, configure, must, one_of, parses
 
 config = dict(
     init_from="out/speedrun/cold_start",  # checkpoint for grpo_encoder; grpo_decoder starts from the same
@@ -41,6 +42,22 @@ config = dict(
     device="auto",  # auto = cuda if available else cpu
     threads=0,  # torch CPU threads (0 = default)
 )
+KINDS = ("encoder", "decoder")
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    steps=at_least(2, "the first timed step is warm-up: at least one more is timed"),
+    kinds=must(lambda v, c: v.split(",") and set(v.split(",")) <= set(KINDS) and len(set(v.split(","))) == len(v.split(",")),
+               "a comma-separated subset of encoder, decoder (each once)"),
+    encoder_args=parses(lambda v: script_config("encoder", v)),  # flags of grpo_encoder.py
+    decoder_args=parses(lambda v: script_config("decoder", v)),  # flags of grpo_decoder.py
+    peak_dtype=one_of("float32", "bfloat16", "float16"),
+)
+
+
+def script_config(kind: str, flags: str):
+    """The config the script of `kind` reads from these extra flags: unknown keys and wrong types are named now."""
+    import grpo_decoder
+    import grpo_encoder
+    return configure({"encoder": grpo_encoder, "decoder": grpo_decoder}[kind].config, flags.split())
 
 
 def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 8) -> float:
@@ -79,9 +96,7 @@ def count_flops(script, args: list[str]) -> float:
 
 
 def bench(kind: str, cfg, peak: float) -> dict:
-    import grpo_decoder
-    import grpo_encoder
-    script = {"encoder": grpo_encoder, "decoder": grpo_decoder}[kind]
+    script = __import__(f"grpo_{kind}")
     out = tempfile.mkdtemp(prefix=f"bench_{kind}_")
     # FLOPs of one step = a 2-step run minus a 1-step run (setup, source caching and saving cancel out)
     step_flops = count_flops(script, script_args(kind, cfg, f"{out}/f2", 2)) - \
@@ -104,7 +119,7 @@ def bench(kind: str, cfg, peak: float) -> dict:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device

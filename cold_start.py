@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 import model as M
 from common import (
-    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, clip_grad_norm, end_run, full_tensor,
-    load_full_state, load_optimizer_state, micro_slices, NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, shard,
-    start_run)
-from configurator import configure
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, clip_grad_norm, end_run, folder_rule,
+    full_tensor, load_full_state, load_optimizer_state, micro_slices, NonFiniteGuard, own_rank, RULES, save_checkpoint,
+    set_rng_state, shard, start_run)
+from configurator import at_least, configure
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
 from reward import ReconstructionReward, cosine, load_backbone
@@ -76,6 +76,10 @@ config = dict(
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
+)
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    data_dir=folder_rule("train.jsonl"),  # no probe here: no val.jsonl needed
+    ce_weight=at_least(0.0),
 )
 
 
@@ -132,12 +136,16 @@ def backward(model, rt, backbone, captions: M.Captions, source, anchor_texts, re
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     rt, state = start_run(cfg)
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_images=True)  # images read per step: any dataset size
     model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype), decoder_dtype=torch.float32).to(rt.device)
+    model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
+    anchors = model.check_texts(train, "caption")  # the anchor's texts: what the decoder learned to read
+    size = cfg.image_size or model.image_size
     model.requires_grad_(False)
     lora = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
     decoder = model.decoder_modules()
@@ -164,9 +172,6 @@ def main(argv=None):
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     backbone = load_backbone(cfg.reward_backbone, rt.device)
     reward_fn = ReconstructionReward(backbone)
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))  # images read per step: any dataset size
-    size = cfg.image_size or model.image_size
-    model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     t0, guard = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
         set_rng_state(state["rng"])
@@ -179,7 +184,7 @@ def main(argv=None):
         with rt.autocast():
             captions = model.caption(x, 1, cfg.temperature, cfg.max_new_tokens)  # the encoder's own words
         model.train()
-        anchor_texts = [train[i]["caption"] for i in idx.tolist()] + [""]  # what the decoder learned to read
+        anchor_texts = [anchors[i] for i in idx.tolist()] + [""]  # what the decoder learned to read
         with torch.no_grad(), lora_disabled(model.llm), rt.autocast():
             reference = model.condition(anchor_texts)
         noise = torch.randn(model.latent_shape(local_batch), device=rt.device)  # the sampler's start

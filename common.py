@@ -20,6 +20,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from configurator import above, at_least, between, check, must, one_of
+from reward import parse_spec
+
 # ============================================================================ runtime
 
 
@@ -63,10 +66,126 @@ class Runtime:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+WEIGHTS_DTYPES = ("float32", "bfloat16", "float16")
 # config keys a resumed run may change: when it stops, what it prints, where things are, how fast it runs
 RESUMABLE_CHANGES = {"max_steps", "resume", "out_dir", "data_dir", "init_from", "log_interval", "eval_interval",
                      "save_interval", "max_bad_steps", "threads", "device", "eval_n", "probe_n", "vae_dir", "tokenizer_dir",
                      "qwen_dir", "sd3_dir", "reward_backbone", "compile"}
+
+
+# ============================================================================ config rules (configurator.configure)
+
+def device_rule(value: str, cfg) -> str | None:
+    """auto, cpu, cuda or cuda:<index> of a GPU this machine has."""
+    if value == "auto":
+        return None
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return "must be auto, cpu, cuda or cuda:<index>"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "names a CUDA device, but torch sees no GPU here: use auto or cpu"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"must be a GPU this machine has: cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+    return None
+
+
+def out_dir_rule(value: str, cfg) -> str | None:
+    """A directory, or a path where one can be created (checked before the run, not at its first save), and
+    not the checkpoint the run starts from (a save would replace it)."""
+    if not value.strip():
+        return "out_dir is empty: give the directory the outputs go to"
+    if os.path.exists(value) and not os.path.isdir(value):
+        return "is a file, not a directory: give another out_dir"
+    existing = os.path.abspath(value)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"cannot be created: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot be written: {existing} is not writable"
+    if getattr(cfg, "init_from", "") and os.path.abspath(value) == os.path.abspath(cfg.init_from):
+        return "is init_from: a save would replace the checkpoint the run starts from; give another out_dir"
+    return None
+
+
+def checkpoint_rule(*words: str):
+    """A UAE checkpoint directory (model.json, written by a stage's save), or one of `words` ("scratch")."""
+    def rule(value: str, cfg) -> str | None:
+        if value in words:
+            return None
+        if os.path.isfile(os.path.join(value, "model.json")):
+            return None
+        what = " or ".join([repr(w) for w in words] + ["a UAE checkpoint directory (a folder with model.json)"])
+        return f"must be {what}: " + ("it has no model.json" if os.path.isdir(value) else "no such directory")
+    return rule
+
+
+def folder_rule(*files: str):
+    """A directory holding `files` (a dataset's train.jsonl, a tokenizer's tokenizer.json, a model's config.json)."""
+    def rule(value: str, cfg) -> str | None:
+        if not os.path.isdir(value):
+            return "no such directory" + (f" (it must hold {', '.join(files)})" if files else "")
+        missing = [f for f in files if not os.path.isfile(os.path.join(value, f))]
+        return f"the directory has no {', '.join(missing)}" if missing else None
+    return rule
+
+
+def spec_rule(optional: bool = False):
+    """A backbone spec (reward.parse_spec: its form, and that its file exists); optional: "" = skipped."""
+    def rule(value: str, cfg) -> str | None:
+        if optional and not value:
+            return None
+        try:
+            parse_spec(value)
+        except (ValueError, FileNotFoundError) as e:
+            return str(e)
+        return None
+    return rule
+
+
+# The keys several scripts share, with one meaning everywhere; each script adds its own rules (a key of both
+# takes the script's). Checked by configure before anything is loaded.
+RULES = dict(
+    data_dir=folder_rule("train.jsonl", "val.jsonl"),  # a dataset folder (DESIGN §5)
+    init_from=checkpoint_rule(),  # the checkpoint a stage starts from
+    out_dir=out_dir_rule,  # where the outputs go
+    reward_backbone=spec_rule(),  # reward.py spec
+    weights_dtype=one_of(*WEIGHTS_DTYPES),  # dtype checkpoints are loaded in
+    image_size=at_least(0, "0 = the size the model draws"),  # side images are resized to on load
+    max_steps=at_least(1),  # optimizer steps
+    batch_size=at_least(1),  # global batch
+    micro_batch=at_least(0, "0 = the whole batch at once"),  # rows per forward/backward
+    fsdp=must(lambda v, c: not v or int(os.environ.get("WORLD_SIZE", "1")) > 1,
+              "False outside a torchrun launch of 2+ processes (FSDP shards over the ranks)"),
+    lr=at_least(0.0),  # learning rates: 0 runs (nothing moves)
+    lr_lora=at_least(0.0),
+    lr_decoder=at_least(0.0),
+    warmup=at_least(0),  # warmup steps
+    weight_decay=at_least(0.0),  # AdamW weight decay
+    grad_clip=above(0.0, "the max gradient norm: 0 would zero every gradient; a large value clips nothing"),
+    lora_r=at_least(1),  # LoRA rank
+    lora_alpha=above(0.0),  # LoRA alpha
+    temperature=above(0.0, "the captions' sampling temperature; greedy captions have their own switch"),
+    max_new_tokens=at_least(0, "0 = the decoder's window"),  # caption length cap (the window's bound: model.caption_cap)
+    sample_steps=at_least(1),  # sampler steps
+    cfg_scale=at_least(0.0, "1 = no guidance"),  # classifier-free guidance
+    group_size=at_least(2, "GRPO's advantages compare the samples of a group: one sample has nothing to compare"),
+    beta=at_least(0.0),  # KL weight
+    anchor_weight=at_least(0.0),  # drift penalty weight
+    eval_interval=at_least(1),  # steps between probes (a large value: only at the end)
+    log_interval=at_least(1),  # steps between log lines
+    save_interval=at_least(1),  # steps between checkpoints (the last step always saves)
+    eval_n=at_least(1),  # val examples per probe
+    probe_n=at_least(1),
+    max_bad_steps=at_least(1),  # non-finite steps in a row before stopping
+    device=device_rule,  # auto | cpu | cuda | cuda:N
+    dtype=one_of(*DTYPES),  # compute precision
+    seed=between(0, 2 ** 31 - 1),  # numpy takes seeds (+ rank) below 2^32
+    threads=at_least(0, "0 = torch's default"),  # CPU threads
+)
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, training: bool = False) -> Runtime:
@@ -98,12 +217,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", seed: int = 0, trai
 def start_run(cfg) -> tuple[Runtime, dict | None]:
     """What every training script does first: CPU threads, the runtime, and the state to resume from
     (None for a fresh run). A run whose saved step reached cfg.max_steps is complete: (rt, "complete")."""
-    if not cfg.out_dir.strip():
-        raise ValueError("out_dir is empty: give the directory the checkpoints go to")
-    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
-        raise ValueError(f"out_dir={cfg.out_dir!r} is a file, not a directory: give another out_dir")
-    if cfg.max_steps < 1:
-        raise ValueError(f"max_steps={cfg.max_steps}: must be at least 1")
+    check(cfg, {k: RULES[k] for k in ("out_dir", "max_steps")})  # configure checked them; a caller of start_run alone too
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed, training=True)
@@ -432,5 +546,63 @@ def load_training_state(directory: str) -> dict | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or not a checkpoint: say which file, and what to do
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}): the checkpoint is damaged; "
-                         f"start afresh with --resume=False or another out_dir") from None
+        raise damaged(path, e, RESUME_REMEDY) from None
+
+
+# What to do about a damaged file: in the run being resumed (its out_dir), or in the checkpoint it starts from
+RESUME_REMEDY = "start afresh with --resume=False or another out_dir"
+SOURCE_REMEDY = "re-run the stage that wrote it (into a fresh out_dir), or start from another checkpoint"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def damaged(path: str, error: Exception, remedy: str) -> CheckpointError:
+    return CheckpointError(f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]}): the checkpoint is "
+                           f"damaged; {remedy}")
+
+
+def check_files(directory: str, remedy: str):
+    """Name the first unreadable file of a checkpoint directory before a library reads it (whose error would
+    not say which file): a safetensors file whose header promises more bytes than the file holds (cut by a
+    full disk or a copy stopped midway), or a .json file that does not parse."""
+    from safetensors import safe_open
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(path, "pt"):  # reads and checks the header only
+                    pass
+            elif name.endswith(".json"):
+                with open(path, "rb") as f:
+                    json.loads(f.read())
+        except Exception as e:
+            raise damaged(path, e, remedy) from None
+
+
+@contextlib.contextmanager
+def reading(path: str, remedy: str):
+    """Inside, an error of a library reading `path` (a checkpoint's part, a config that does not fit its
+    weights) becomes one that names it, with the remedy."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise damaged(path, e, remedy) from None
+
+
+def read_json(path: str, remedy: str, required: tuple = ()) -> dict:
+    """A checkpoint's JSON file (model.json, adapter_config.json): unreadable, not an object or without a
+    required key, it is named with the remedy."""
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except Exception as e:
+        raise damaged(path, e, remedy) from None
+    missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(map(repr, missing))}: the checkpoint is damaged or was "
+                              f"not written by this code; {remedy}")
+    return meta

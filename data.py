@@ -45,11 +45,16 @@ def read_records(path: str, need_caption: bool = True) -> list[dict]:
 
 def jsonl_lines(path: str, kind: str = "dataset"):
     """(file:line, parsed JSON) of each non-blank line of a JSONL file; a missing file (`kind` says what it
-    should be) and a line that is not JSON are errors naming them."""
+    should be) and a line that is not UTF-8 or not JSON are errors naming them."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such {kind} file")
-    with open(path) as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may open the file
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"JSONL files are UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -59,16 +64,20 @@ def jsonl_lines(path: str, kind: str = "dataset"):
             yield f"{path}:{lineno}", row
 
 
-def read_jsonl(path: str, need_caption: bool = True) -> list[dict]:
+def read_jsonl(path: str, need_caption: bool = True, need_images: bool = False) -> list[dict]:
     """Records of a JSONL file, each with its absolute image path in `image_path` and its file:line in
-    `where`. need_caption=False: lines without a caption are fine (a caption given must still be text)."""
+    `where`. need_caption=False: lines without a caption are fine (a caption given must still be text).
+    need_images: every image file must exist now (for a stage that reads images per step, which would otherwise
+    stop at the first missing one, midway); its contents are checked when it is read (load_image)."""
     root, records = os.path.dirname(os.path.abspath(path)), []
     for where, record in jsonl_lines(path):
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"].strip():
             raise DataError(f"{where}: each line needs an \"image\" string")
         if (need_caption or "caption" in record) and not (isinstance(record.get("caption"), str) and record["caption"].strip()):
             raise DataError(f"{where}: missing or empty \"caption\"")
         record["image_path"] = os.path.join(root, record["image"])
+        if need_images and not os.path.isfile(record["image_path"]):
+            raise DataError(f"{where}: cannot read image {record['image_path']} (no such file)")
         record["where"] = where
         records.append(record)
     if not records:

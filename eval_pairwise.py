@@ -38,7 +38,8 @@ import urllib.error
 import urllib.request
 
 import shapes
-from configurator import ConfigError, configure
+from common import device_rule, out_dir_rule
+from configurator import above, at_least, check, ConfigError, configure, must, one_of
 from data import DataError, jsonl_lines, read_records, write_json
 
 config = dict(
@@ -57,6 +58,22 @@ config = dict(
     http_retries=4,  # retries of a request on timeouts, connection errors, 429 and 5xx (backoff doubles)
     http_backoff=2.0,  # seconds before the first retry
     cache="",  # JSONL of received replies (empty = out_dir/http_cache.jsonl)
+)
+rules = dict(  # valid values beyond the types (configurator), checked by evaluate before any work; the judge specs: parse_judges
+    candidate=must(lambda v, c: os.path.isfile(v), "a captions.jsonl file"),
+    baseline=must(lambda v, c: os.path.isfile(v), "a captions.jsonl file"),
+    data=must(lambda v, c: os.path.exists(v), "a JSONL file or a folder of images"),
+    out_dir=out_dir_rule,
+    max_new_tokens=at_least(1),
+    batch_size=at_least(1),
+    device=device_rule,
+    dtype=one_of("float32", "bfloat16", "float16"),
+    api_params=must(lambda v, c: isinstance(json.loads(v), dict), "a JSON object, e.g. '{\"temperature\": 0}'"),
+    http_timeout=above(0.0),
+    http_retries=at_least(0),
+    http_backoff=at_least(0.0),
+    cache=must(lambda v, c: not v or (not os.path.isdir(v) and os.path.isdir(os.path.dirname(os.path.abspath(v)))),
+               "empty (out_dir/http_cache.jsonl) or a file in an existing directory"),
 )
 
 PROMPT = """You compare two descriptions of the same image. A painter who cannot see the image will paint it
@@ -167,6 +184,7 @@ class ExactJudge:
         missing = next((r["where"] for r in records if "scene" not in r), None)
         if missing is not None:
             raise DataError(f"judge 'exact' needs the shapes world's scenes: {missing} has no \"scene\"")
+        shapes.scenes_of(records)  # every scene's fields checked now, not midway
         self.spec, self.calls = spec, 0
 
     def decide(self, orders: list[tuple[str, str, dict]]) -> list[dict]:
@@ -210,8 +228,6 @@ class HFJudge(ChatJudge):
         self.tokenizer.padding_side = "left"  # generation continues every row from its own end
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        if cfg.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"config key 'dtype': {cfg.dtype!r} is not one of float32, bfloat16, float16")
         device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True,
                                                           dtype=getattr(torch, cfg.dtype)).to(device).eval()
@@ -275,13 +291,7 @@ class OpenAIJudge(ChatJudge):
             if not os.environ.get(env):
                 raise ConfigError(f"judge spec {spec!r}: the environment variable {env} is not set (it holds the API key)")
             self.headers["Authorization"] = f"Bearer {os.environ[env]}"
-        try:
-            params = json.loads(cfg.api_params)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config key 'api_params': not JSON ({e.msg}): {cfg.api_params!r}") from None
-        if not isinstance(params, dict):
-            raise ConfigError(f"config key 'api_params': expected a JSON object, got {cfg.api_params!r}")
-        self.spec, self.model, self.params, self.cfg, self.cache = spec, model, params, cfg, cache
+        self.spec, self.model, self.params, self.cfg, self.cache = spec, model, json.loads(cfg.api_params), cfg, cache
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.calls = self.cached = 0
 
@@ -441,7 +451,19 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def unknown_words(names: list[str], texts: list[str], side: str) -> dict:
+    """The captions with words outside the shapes world's vocabulary, which the exact judge cannot read
+    (shapes.unknown_words): counted and printed, never silently ignored."""
+    found = {n: words for n, t in zip(names, texts) if (words := shapes.unknown_words(t))}
+    if found:
+        name, words = next(iter(found.items()))
+        print(f"warning: {len(found)} of {len(texts)} {side} captions have words outside the shapes world's vocabulary "
+              f"(e.g. {name}: {', '.join(map(repr, words[:5]))}): the exact judge reads only the world's words")
+    return {"captions": len(found), "per_image": found}
+
+
 def evaluate(cfg) -> dict:
+    check(cfg, rules)
     names, candidate, baseline, records = load_pairs(cfg)
     p1 = protocol1_scores(cfg, names)
     judges = parse_judges(cfg.judges, cfg, records)
@@ -460,6 +482,8 @@ def evaluate(cfg) -> dict:
     rates = [j["win_rate"] for j in results["judges"].values() if j["win_rate"] is not None]
     results["mean_win_rate"] = sum(rates) / len(rates) if rates else None  # of the judges with a rate
     if any(isinstance(j, ExactJudge) for j in judges):
+        results["unknown_words"] = {side: unknown_words(names, texts, side)
+                                    for side, texts in (("candidate", candidate), ("baseline", baseline))}
         results["exact_scores"] = {n: {"candidate": exact_score(c, shapes.scene_from_json(r["scene"])),
                                        "baseline": exact_score(b, shapes.scene_from_json(r["scene"]))}
                                    for n, c, b, r in zip(names, candidate, baseline, records)}

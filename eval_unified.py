@@ -29,7 +29,8 @@ and generation_partial (the decoder alone, from the TRUE complete and partial ca
 decoder_comparison tests two of them image by image), unification (Unified-Score, reward cosine,
 scene-F1 of source vs reconstruction, mentioned-object recall: of the objects a caption names, the fraction
 its reconstruction shows; captions_cut: captions the length cap stopped before their end; turns_cut:
-captions whose text re-encoded longer than the decoder's window, cut to it).
+captions whose text re-encoded longer than the decoder's window, cut to it; unknown_word_captions: captions
+with a word the model's tokenizer reads as [UNK], also printed as a warning).
 """
 import json
 import math
@@ -42,8 +43,8 @@ from PIL import Image
 
 import model as M
 import shapes
-from common import setup_runtime
-from configurator import configure
+from common import checkpoint_rule, folder_rule, RULES, setup_runtime, spec_rule
+from configurator import check, configure, must, only_if
 from data import DataError, IMAGE_EXTENSIONS, load_image, read_records, save_grid, to_uint8_hwc, write_json
 from reward import cosine, load_backbone
 
@@ -72,6 +73,18 @@ config = dict(
     seed=0,  # sampling seed (the same noise for every checkpoint)
 )
 JUDGES = ("clip", "longclip", "dinov2", "dinov3")  # the released scorer's model names
+folders = lambda cfg: bool(cfg.generated)  # scoring existing images: no checkpoint, no data
+rules = RULES | dict(  # valid values beyond the types (configurator), checked by evaluate before any work; shared keys' in common.RULES
+    ckpt=only_if(lambda cfg: not folders(cfg), checkpoint_rule()),  # or --generated with --references
+    data=only_if(lambda cfg: not folders(cfg), must(lambda v, c: os.path.exists(v), "a JSONL file or a folder of images")),
+    generated=only_if(folders, folder_rule()),
+    references=only_if(folders, folder_rule()),
+    clip=spec_rule(optional=True),
+    longclip=spec_rule(optional=True),
+    dinov2=spec_rule(optional=True),
+    dinov3=spec_rule(optional=True),
+    reward_backbone=spec_rule(optional=True),
+)
 
 
 def similarities(backbone, names: list[str], sources: list, recons: list, batch_size: int) -> dict:
@@ -157,24 +170,13 @@ def generate_from(model, rt, texts, cfg, generator, allow_cut: bool = False) -> 
 
 
 def evaluate(cfg) -> dict:
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
-    judges = {}
-    for key in JUDGES:
-        if getattr(cfg, key):
-            judges[key] = load_backbone(getattr(cfg, key), rt.device)
-        else:
-            print(f"judge {key}: not configured, skipped")
-    if not judges:
+    check(cfg, rules)
+    if not any(getattr(cfg, key) for key in JUDGES):
         raise ValueError(f"no judge configured: set at least one of {', '.join('--' + k for k in JUDGES)}")
-    reward_backbone = load_backbone(cfg.reward_backbone, rt.device) if cfg.reward_backbone else None
-    if reward_backbone is None:
-        print("reward_backbone: not configured, skipped")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    # ---- inputs, every line checked before any model is loaded
     if cfg.generated:
-        results = score(judges, reward_backbone, *match_folders(cfg.generated, cfg.references), cfg.batch_size)
+        pairs = match_folders(cfg.generated, cfg.references)
     else:
-        if not cfg.ckpt:
-            raise ValueError("give --ckpt=<UAE checkpoint> or --generated=<folder> --references=<folder>")
         records = read_records(cfg.data, need_caption=False)  # a Unified-Bench folder has no captions
         names = [os.path.basename(r["image"]) for r in records]
         files = [os.path.splitext(n)[0] + ".png" for n in names]  # lossless, and found by the released matching
@@ -182,8 +184,34 @@ def evaluate(cfg) -> dict:
         for r, name, file in zip(records, names, files):
             if first.setdefault(file, r["where"]) != r["where"]:
                 raise DataError(f"{r['where']}: image file name {name} gives reconstruction {file}, as {first[file]} does")
+        scenes = shapes.scenes_of(records)  # the shapes world's: exact oracle tables
         sources = [load_image(r, over_white=False) for r in records]  # as the released scorer reads them; sizes mixed
+        if scenes is not None:  # the oracle reads the world's canvas
+            odd = next((r for r, s in zip(records, sources) if s.shape != (shapes.CANVAS, shapes.CANVAS, 3)), None)
+            if odd is not None:
+                raise DataError(f"{odd['where']}: image {odd['image_path']} is not {shapes.CANVAS}x{shapes.CANVAS}, the shapes "
+                                f"world's canvas its \"scene\" is read on")
+    # ---- models
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
+    judges = {}
+    for key in JUDGES:
+        if getattr(cfg, key):
+            judges[key] = load_backbone(getattr(cfg, key), rt.device)
+        else:
+            print(f"judge {key}: not configured, skipped")
+    reward_backbone = load_backbone(cfg.reward_backbone, rt.device) if cfg.reward_backbone else None
+    if reward_backbone is None:
+        print("reward_backbone: not configured, skipped")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.generated:
+        results = score(judges, reward_backbone, *pairs, cfg.batch_size)
+    else:
         model = M.UAE.load(cfg.ckpt, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device).eval()
+        model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
+        geneval = cfg.geneval and scenes is not None
+        if geneval:  # the true captions the decoder draws: present, in its vocabulary, inside its window
+            for field in ("caption",) + (("partial_caption",) if all("partial_caption" in r for r in records) else ()):
+                model.check_texts(records, field)
         if cfg.compile:
             model.compile_decoder()
         generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
@@ -196,7 +224,9 @@ def evaluate(cfg) -> dict:
             f.writelines(json.dumps({"image": n, "caption": t}) + "\n" for n, t in zip(names, texts))
         save_grid([(s, t, r) for s, t, r in list(zip(sources, texts, recons))[:16]], os.path.join(cfg.out_dir, "grid.png"))
         results = score(judges, reward_backbone, names, sources, recons, cfg.batch_size)
-        scenes = shapes.scenes_of(records)
+        if model.unknown_word_captions:
+            print(f"warning: {model.unknown_word_captions} caption(s) had words the model's tokenizer does not know: "
+                  f"the decoder read them as {model.tokenizer.unk_token} (unification: unknown_word_captions)")
         if scenes is not None:  # the shapes world: exact oracle tables
             results["understanding"] = shapes.caption_report(texts, scenes)
             results["unification"] = {
@@ -205,8 +235,9 @@ def evaluate(cfg) -> dict:
                                            for s, r in zip(sources, recons)])),
                 "mentioned_object_recall": shapes.mentioned_object_recall(texts, recons),
                 "captions_cut": model.captions_cut(texts, cfg.max_new_tokens),  # stopped by the length cap
-                "turns_cut": model.turns_cut}  # re-encoded longer than the window, cut to it (model.text_tokens)
-            if cfg.geneval:
+                "turns_cut": model.turns_cut,  # re-encoded longer than the window, cut to it (model.text_tokens)
+                "unknown_word_captions": model.unknown_word_captions}  # with words the tokenizer maps to [UNK]
+            if geneval:
                 results.update(generation_tables(model, rt, cfg, generator, records, names, sources, scenes, judges))
     results["config"] = vars(cfg)
     write_json(os.path.join(cfg.out_dir, "results.json"), results)
@@ -360,7 +391,7 @@ def decoder_comparison(before: dict, after: dict, subset: set[str]) -> dict:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv)  # evaluate checks the rules
     results = evaluate(cfg)
     print(summary(results))
     print(f"wrote {os.path.join(cfg.out_dir, 'results.json')}")

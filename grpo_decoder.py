@@ -31,8 +31,8 @@ import model as M
 import shapes
 from common import (
     all_finite, all_reduce_grads, broadcast_from_master, end_run, group_reward_stats, micro_slices, NonFiniteGuard, own_rank,
-    save_checkpoint, set_rng_state, start_run)
-from configurator import configure
+    RULES, save_checkpoint, set_rng_state, start_run)
+from configurator import above, at_least, configure, must, one_of
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
 from reward import ADVANTAGE_STD, ReconstructionReward, group_advantages, load_backbone
@@ -80,6 +80,17 @@ config = dict(
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
+)
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    captions_per_step=at_least(1),
+    train_steps=at_least(2, "the last step is a plain ODE step: one SDE step to train needs two"),
+    eval_steps=at_least(1),
+    noise_level=above(0.0, "the SDE's noise: at 0 its steps have no log-prob to train"),
+    sde_steps=at_least(0, "0 = all but the last"),
+    timestep_fraction=must(lambda v, c: 0 < v <= 1, "in (0, 1]"),
+    clip_eps=must(lambda v, c: 0 < v < 1, "in (0, 1)"),
+    adv_clip=above(0.0),
+    advantage_std=one_of(*ADVANTAGE_STD),
 )
 
 
@@ -163,14 +174,19 @@ def probe(model, rt, captions, scenes, cfg, step: int) -> dict:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     rt, state = start_run(cfg)
     if state == "complete":
         return
-    if cfg.advantage_std not in ADVANTAGE_STD:
-        raise ValueError(f"advantage_std must be one of {ADVANTAGE_STD}, got {cfg.advantage_std!r}")
     local = rt.per_rank(cfg.captions_per_step, "captions_per_step")  # a caption's group stays on one rank
+    # ---- data (every line checked before any model is loaded; the probe's captions once the tokenizer is there)
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False, need_images=True)  # images read per step
+    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
+    val_scenes = shapes.scenes_of(val)
     model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
+    model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
+    val_captions = model.check_texts(val, "caption")
+    size = cfg.image_size or model.image_size
     model.requires_grad_(False)
     params = model.add_lora("transformer", cfg.lora_r, cfg.lora_alpha, M.DIT_LORA_TARGETS)
     broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
@@ -183,12 +199,8 @@ def main(argv=None):
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the DiT")
     reward_fn = ReconstructionReward(load_backbone(cfg.reward_backbone, rt.device))
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False)  # images read per step
-    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
-    size = cfg.image_size or model.image_size
-    val_captions = [r["caption"] for r in val]
-    val_scenes = shapes.scenes_of(val)
-    t_start, guard, first = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), True
+    # the on-policy check runs before any update: not in a resumed run, whose log then matches an unbroken run's
+    t_start, guard, first = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir), state is None
     if rt.master and val_scenes is not None and step == 0:  # where the curve starts: the decoder before RL
         probe(model, rt, val_captions, val_scenes, cfg, step)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)

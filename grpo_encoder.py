@@ -37,8 +37,8 @@ import model as M
 import shapes
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, group_reward_stats,
-    micro_slices, NonFiniteGuard, own_rank, save_checkpoint, set_rng_state, start_run)
-from configurator import configure
+    micro_slices, NonFiniteGuard, own_rank, RULES, save_checkpoint, set_rng_state, start_run)
+from configurator import at_least, configure, must, one_of
 from data import load_images, read_jsonl
 from lora import load_lora, lora_disabled
 from reward import ReconstructionReward, group_advantages, load_backbone
@@ -84,6 +84,14 @@ config = dict(
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float32 (float16 is refused: no loss scaling)
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
+)
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    images_per_step=at_least(1),
+    decode_steps=at_least(1),
+    mu=at_least(1),
+    clip_eps=must(lambda v, c: 0 < v < 1, "in (0, 1): the ratio is clipped to [1 - clip_eps, 1 + clip_eps_high]"),
+    clip_eps_high=at_least(0.0),
+    aggregation=one_of("token", "sequence"),
 )
 
 
@@ -162,13 +170,19 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     rt, state = start_run(cfg)
     if state == "complete":
         return
     local_images = rt.per_rank(cfg.images_per_step, "images_per_step")  # an image's group stays on one rank
+    # ---- data (every line checked before any model is loaded)
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False, need_images=True)  # images read per step
+    probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"), need_caption=False)[:cfg.probe_n]
+    probe_scenes = shapes.scenes_of(probe_records)
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model
     model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
+    model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
+    size = cfg.image_size or model.image_size
     model.requires_grad_(False)
     if cfg.compile:
         model.compile_decoder()
@@ -183,12 +197,7 @@ def main(argv=None):
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"policy: {sum(p.numel() for p in params) / 1e6:.3f}M LoRA parameters on the LLM")
     reward_fn = ReconstructionReward(load_backbone(cfg.reward_backbone, rt.device))
-    # ---- data
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False)  # images read per step
-    probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"), need_caption=False)[:cfg.probe_n]
-    size = cfg.image_size or model.image_size
     probe_images = load_images(probe_records, size)
-    probe_scenes = shapes.scenes_of(probe_records)
     # ---- loop
     t_start, guard = time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)

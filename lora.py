@@ -10,6 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from common import CheckpointError, check_files, RESUME_REMEDY
+
 # ============================================================================ LoRA (hand-written)
 
 
@@ -134,7 +136,11 @@ def merge_lora(module: nn.Module, directory: str):
         layer.weight += (state[f"{name}.lora_B"] @ state[f"{name}.lora_A"] * scale).to(layer.weight.dtype)
 
 
-def load_lora(module: nn.Module, directory: str):
+def load_lora(module: nn.Module, directory: str, remedy: str = RESUME_REMEDY):
+    """Put a resumed run's saved adapters back into the module's LoRA layers (a damaged file is named)."""
+    if not os.path.isfile(os.path.join(directory, "lora.safetensors")):
+        raise CheckpointError(f"{directory}/lora.safetensors is missing: the checkpoint is damaged; {remedy}")
+    check_files(directory, remedy)
     state = load_file(os.path.join(directory, "lora.safetensors"))
     layers = lora_layers(module)
     for key, value in state.items():

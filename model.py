@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from data import to_uint8_hwc
+from common import CheckpointError, check_files, read_json, reading, SOURCE_REMEDY
+from data import DataError, to_uint8_hwc
 from lora import inject_lora, lora_layers, lora_merged, merge_lora, save_lora
 
 # ============================================================================ the auto-encoder
@@ -86,6 +87,8 @@ def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled
     """An SD3 MM-DiT sized for the VAE's latent grid (shapes scale)."""
     from diffusers import SD3Transformer2DModel
     latent = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    if latent % patch:
+        raise ValueError(f"dit_patch={patch} must divide the VAE's {latent}x{latent} latent grid")
     return SD3Transformer2DModel(
         sample_size=latent, patch_size=patch, in_channels=vae.config.latent_channels, num_layers=layers,
         attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=joint_dim,
@@ -152,6 +155,7 @@ class UAE(Captioner, nn.Module):
         self.register_buffer("text_scale", torch.ones(h))
         self.max_text_tokens, self.caption_prompt = max_text_tokens, caption_prompt
         self.turns_cut = 0  # the model's own captions cut to the text window so far (text_tokens)
+        self.unknown_word_captions = 0  # the model's own captions with words its tokenizer maps to [UNK] (text_tokens)
         self.prediction = "velocity"  # what the DiT outputs: "velocity" (SD3) or "sample" (x0; see velocity())
         self.sources = dict(sources or {})  # part -> directory it was loaded from (unchanged parts are referenced, not re-saved)
         self.lora = {}  # part -> {"r", "alpha"} of the adapters injected into llm / transformer
@@ -265,29 +269,40 @@ class UAE(Captioner, nn.Module):
                        "caption_prompt": self.caption_prompt, "prediction": self.prediction}, f, indent=1)
 
     @classmethod
-    def load(cls, directory: str, dtype=torch.float32, decoder_dtype=None):
+    def load(cls, directory: str, dtype=torch.float32, decoder_dtype=None, remedy: str = SOURCE_REMEDY):
         """Load a checkpoint written by save(); adapters arrive merged into their parts. `decoder_dtype`
         (default: dtype) is the DiT's and text positions' (the projector is always fp32): a stage that
-        trains the decoder keeps it fp32 while the frozen LLM and VAE come in a half dtype (cold_start)."""
+        trains the decoder keeps it fp32 while the frozen LLM and VAE come in a half dtype (cold_start).
+        A damaged file (cut short, not JSON, a key missing) is an error naming it and saying what to do
+        (`remedy`: re-run the stage that wrote it; a resumed run's own checkpoint: common.RESUME_REMEDY)."""
         decoder_dtype = decoder_dtype or dtype
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-        meta, paths = read_parts(directory, "UAE")
-        llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
-        processor = AutoProcessor.from_pretrained(paths["processor"])
-        transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=decoder_dtype)
-        vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
-        weights = load_file(os.path.join(directory, "projector.safetensors"))
+        meta, paths = read_parts(directory, "UAE", cls.PARTS, remedy, ("projector_hidden", "max_text_tokens", "caption_prompt"))
+        with reading(paths["llm"], remedy):  # what check_files cannot see (a config that does not fit its weights)
+            llm = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
+        with reading(paths["processor"], remedy):
+            processor = AutoProcessor.from_pretrained(paths["processor"])
+        with reading(paths["transformer"], remedy):
+            transformer = SD3Transformer2DModel.from_pretrained(paths["transformer"], dtype=decoder_dtype)
+        with reading(paths["vae"], remedy):
+            vae = AutoencoderKL.from_pretrained(paths["vae"], dtype=dtype)
+        with reading(paths["scheduler"], remedy):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(paths["scheduler"])
+        projector_path = os.path.join(directory, "projector.safetensors")
+        with reading(projector_path, remedy):
+            weights = load_file(projector_path)
+            pooled = weights.pop("pooled")
         # latent stats absent (a checkpoint written before they existed): the VAE config's scalar pair
-        pooled, shift, scale = weights.pop("pooled"), weights.pop("latent_shift", None), weights.pop("latent_scale", None)
+        shift, scale = weights.pop("latent_shift", None), weights.pop("latent_scale", None)
         positions = weights.pop("text_positions", None)
         text_stats = weights.pop("text_shift", None), weights.pop("text_scale", None)  # absent: identity
         # without accelerate, diffusers may keep fp32 weights despite dtype= (DESIGN §10): cast explicitly
         transformer, vae = (m if m.dtype == d else m.to(d) for m, d in ((transformer, decoder_dtype), (vae, dtype)))
         model = cls(llm, processor, transformer, vae, scheduler, meta["projector_hidden"], pooled,
                     meta["max_text_tokens"], meta["caption_prompt"], paths)
-        model.projector.load_state_dict(weights)
+        with reading(projector_path, remedy):  # its keys and sizes
+            model.projector.load_state_dict(weights)
         merge_adapters(model, meta, directory)
         model.prediction = meta.get("prediction", "velocity")  # checkpoints written before the option: SD3's
         if positions is not None:
@@ -379,14 +394,66 @@ class UAE(Captioner, nn.Module):
         """Tokens of each caption's generate-role turn: what must fit max_text_tokens."""
         return [len(ids) for ids in self.tokenizer(self.generate_turns(texts))["input_ids"]]
 
+    def unknown_words(self, texts: list[str]) -> list[list[str]]:
+        """Per text, the words its tokenizer can only map to the unknown token (the shapes world's word-level
+        tokenizer has one; a byte-level BPE never needs it): they would reach the model as [UNK]."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not texts:
+            return [[] for _ in texts]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [[text[a:b] for i, (a, b) in zip(ids, spans) if i == unk and text[a:b] != self.tokenizer.unk_token]
+                for text, ids, spans in zip(texts, enc["input_ids"], enc["offset_mapping"])]
+
+    def known_words(self) -> str:
+        """The vocabulary in an error message: listed when it is a small world's, else its size."""
+        vocab = self.tokenizer.get_vocab()
+        if len(vocab) > 200:
+            return f"{len(vocab)} tokens"
+        special = set(self.tokenizer.all_special_tokens)
+        return ", ".join(sorted(w for w in vocab if w not in special))
+
+    def check_texts(self, records: list[dict], field: str, window: bool = True) -> list[str]:
+        """The `field` text of every record (training targets, or captions the decoder is asked to draw), each
+        checked before any work: missing or empty, with words the tokenizer does not know (never a silent
+        [UNK]) or, with `window`, longer than the decoder's text window, it is an error naming the first
+        such record's file:line and how many there are."""
+        def fail(bad: list[int], problem: str):
+            raise DataError(f"{records[bad[0]]['where']}: \"{field}\" {problem} ({len(bad)} such line(s) in all)")
+        empty = [i for i, r in enumerate(records) if not (isinstance(r.get(field), str) and r[field].strip())]
+        if empty:
+            fail(empty, "is missing or empty")
+        texts = [r[field] for r in records]
+        unknown = self.unknown_words(texts)
+        bad = [i for i, words in enumerate(unknown) if words]
+        if bad:
+            fail(bad, f"has words the tokenizer does not know: {', '.join(map(repr, unknown[bad[0]]))}; the model "
+                      f"would read them as {self.tokenizer.unk_token}. Known words: {self.known_words()}")
+        if window:
+            lengths = self.turn_lengths(texts)
+            bad = [i for i, n in enumerate(lengths) if n > self.max_text_tokens]
+            if bad:
+                fail(bad, f"takes {lengths[bad[0]]} tokens, more than the decoder's window of max_text_tokens="
+                          f"{self.max_text_tokens}")
+        return texts
+
     def text_tokens(self, texts: list[str], allow_cut: bool = False) -> dict:
         """The generate-role chat turns holding the captions, right-padded to max_text_tokens (fixed, like
         SD3's T5 sequence, so a caption's conditioning never depends on what else is in the batch). A turn
         longer than the window is an error, never cut silently: the decoder could not read its tail.
         allow_cut (for the model's own captions, which caption_cap keeps inside the window but whose text a
         BPE tokenizer may re-encode a token or two longer): cut them to the window and count them in
-        self.turns_cut, which eval_unified reports."""
+        self.turns_cut, which eval_unified reports. A word the tokenizer does not know is an error too, never
+        a silent [UNK]; in the model's own captions (allow_cut) it is counted in self.unknown_word_captions."""
         enc = self.tokenizer(self.generate_turns(texts))
+        unk = self.tokenizer.unk_token_id
+        suspects = [i for i, ids in enumerate(enc["input_ids"]) if unk in ids] if unk is not None else []
+        unknown = {i: w for i, w in zip(suspects, self.unknown_words([texts[i] for i in suspects])) if w}
+        if unknown and not allow_cut:
+            i = next(iter(unknown))
+            raise ValueError(f"{len(unknown)} of {len(texts)} captions have words the tokenizer does not know (e.g. "
+                             f"{', '.join(map(repr, unknown[i]))} in {texts[i][:80]!r}): the decoder would read them as "
+                             f"{self.tokenizer.unk_token}. Known words: {self.known_words()}")
+        self.unknown_word_captions += len(unknown)  # the model's own captions: counted, reported by eval_unified
         lengths = [len(ids) for ids in enc["input_ids"]]
         over = [i for i, n in enumerate(lengths) if n > self.max_text_tokens]
         if over and not allow_cut:
@@ -535,6 +602,18 @@ class UAE(Captioner, nn.Module):
         """Side of the images the decoder draws: the DiT's latent size times the VAE's downsampling."""
         return self.transformer.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def check_image_size(self, height: int, width: int):
+        """Images the decoder trains on (pretrain_decoder) must suit it: their VAE latents must cut into whole DiT
+        patches, no more a side than the DiT's position table holds. (Source images of any size are fine
+        elsewhere: the encoder's processor and the reward resize them.)"""
+        c = self.transformer.config
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1) * c.patch_size
+        most = (c.pos_embed_max_size or c.sample_size // c.patch_size) * factor
+        if height % factor or width % factor or max(height, width) > most:
+            raise ValueError(f"{height}x{width} images: the decoder trains on sides that are multiples of {factor} px "
+                             f"(VAE downsampling x DiT patch) up to {most} px (its position table); set image_size "
+                             f"to one of those (0 = as stored)")
+
     def compile_decoder(self) -> "UAE":
         """torch.compile the DiT for sampling; its shapes are fixed (text window, latent size, batch), so it
         compiles once per batch size. Measured on one CPU thread, 32 images x 10 CFG steps: 0.86 -> 0.56 s,
@@ -600,21 +679,30 @@ def save_parts(model, directory: str, trained) -> tuple[dict, dict]:
     return parts, adapters
 
 
-def read_parts(directory: str, architecture: str) -> tuple[dict, dict]:
+def read_parts(directory: str, architecture: str, parts: tuple, remedy: str = SOURCE_REMEDY,
+               required: tuple = ()) -> tuple[dict, dict]:
     """A checkpoint's model.json and the directory of each of its parts (stored relative or absolute), after
-    checking that it holds `architecture` (the class name; checkpoints written before the key are UAE's)."""
+    checking that it holds `architecture` (the class name; checkpoints written before the key are UAE's),
+    names every one of `parts`, has the `required` keys, and that every file of it and of its parts and adapters is whole
+    (common.check_files): a damaged one is named, with `remedy`."""
     meta_path = os.path.join(directory, "model.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path}: not a checkpoint of this project (no model.json)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("architecture", "UAE") != architecture:
+    meta = read_json(meta_path, remedy)
+    if isinstance(meta, dict) and meta.get("architecture", "UAE") != architecture:
         raise ValueError(f"{meta_path} holds a {meta['architecture']} checkpoint, not a {architecture} one: "
                          f"load it with {meta['architecture']}.load")
+    meta = read_json(meta_path, remedy, ("parts",) + tuple(required))  # its keys, once the architecture is known
+    if not isinstance(meta["parts"], dict) or set(parts) - set(meta["parts"]):
+        raise CheckpointError(f"{meta_path}: \"parts\" must name the directory of each of {', '.join(parts)}; {remedy}")
     paths = {part: os.path.normpath(os.path.join(directory, p)) for part, p in meta["parts"].items()}
     for part, path in paths.items():
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}")
+            raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}; {remedy}")
+    adapters = [os.path.normpath(os.path.join(directory, d)) for stack in meta.get("adapters", {}).values() for d in stack]
+    for path in dict.fromkeys([directory, *paths.values(), *adapters]):
+        if os.path.isdir(path):  # a missing adapter directory is named by merge_lora
+            check_files(path, remedy)
     return meta, paths
 
 

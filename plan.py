@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from configurator import configure
+from configurator import above, at_least, configure, must
 
 config = dict(
     n_gpus=8,  # GPUs (torchrun ranks; eval runs in one process on one of them)
@@ -43,6 +43,17 @@ config = dict(
     overrides="",  # extra key=value settings for every planned stage's config, space separated (e.g. micro_batch=1)
     prompt_tokens=32,  # text tokens of the caption prompt around the image (chat template + instruction; estimate)
     bench_images=100,  # eval: images of the bench, for the whole-run time
+)
+STAGES = ("pretrain_decoder", "cold_start", "grpo_encoder", "grpo_decoder", "eval")
+rules = dict(  # valid values beyond the types (configurator), checked before any model is built
+    n_gpus=at_least(1),
+    gpu_gb=above(0.0),
+    peak_tflops=above(0.0),
+    mfu=must(lambda v, c: 0 < v <= 1, "in (0, 1]"),
+    stages=must(lambda v, c: v and set(v.split(",")) <= set(STAGES), "a comma-separated subset of " + ", ".join(STAGES)),
+    overrides=must(lambda v, c: all("=" in o for o in v.split()), "key=value settings separated by spaces"),
+    prompt_tokens=at_least(0),
+    bench_images=at_least(1),
 )
 
 # ---------------------------------------------------------------------------- the real models' configs
@@ -516,7 +527,7 @@ def table(plans: list[StagePlan], cfg) -> str:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     models = build_models()
     print(f"parameters (meta device): Qwen2.5-VL-3B {count(models['llm']) / 1e9:.3f}B "
           f"(text {count(models['llm'].model.language_model) / 1e9:.3f}B, vision {count(models['llm'].model.visual) / 1e9:.3f}B), "

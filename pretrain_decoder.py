@@ -23,6 +23,7 @@ The design choices above (x-prediction, standardised text states, timestep shift
 the math attention kernel) and their measurements are in RESULTS.md.
 """
 import contextlib
+import math
 import os
 import sys
 import time
@@ -35,9 +36,10 @@ from tqdm import tqdm
 import model as M
 import shapes
 from common import (
-    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, full_tensor, like_param, lr_at,
-    load_optimizer_state, micro_slices, NonFiniteGuard, reshard, save_checkpoint, set_rng_state, shard, start_run)
-from configurator import configure
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, checkpoint_rule, end_run, folder_rule,
+    full_tensor, like_param, lr_at, load_optimizer_state, micro_slices, NonFiniteGuard, reshard, RULES, save_checkpoint,
+    set_rng_state, shard, start_run)
+from configurator import above, at_least, between, configure, must, one_of, only_if, parses
 from data import load_images, read_jsonl
 
 config = dict(
@@ -92,39 +94,51 @@ config = dict(
     threads=0,  # torch CPU threads (0 = default)
     compile=True,  # torch.compile the training loss (measured here, math kernel: 146 -> 88 ms per step of 64; 35-55 s to compile)
 )
+pretrained = lambda cfg: cfg.init_from == "pretrained"
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    captions=parses(lambda spec: caption_mix(spec)),  # field:weight,...
+    init_from=checkpoint_rule("pretrained"),
+    qwen_dir=only_if(pretrained, folder_rule("config.json")),  # a transformers model directory
+    sd3_dir=only_if(pretrained, folder_rule("model_index.json")),  # a diffusers pipeline directory
+    vae_dir=only_if(lambda cfg: cfg.new_decoder and cfg.vae_dir, folder_rule("config.json")),
+    dit_layers=at_least(1),
+    dit_heads=at_least(1),
+    dit_head_dim=at_least(1),
+    dit_patch=at_least(1),  # that it divides the latent side: model.tiny_dit
+    qk_norm=one_of("", "rms_norm", "rms_norm_across_heads", "layer_norm", "fp32_layer_norm"),  # diffusers' joint attention
+    joint_dim=at_least(1),
+    projector_hidden=at_least(1),
+    max_text_tokens=at_least(1),  # that the captions fit: corpus
+    prediction=one_of("velocity", "sample"),
+    timestep_shift=above(0.0),
+    timestep_mean=must(lambda v, c: math.isfinite(v), "a finite number"),
+    loss_space=one_of("velocity", "sample"),
+    cond_dropout=between(0.0, 1.0, "a probability"),
+    ema_decay=must(lambda v, c: 0 <= v < 1, "in [0, 1): at 1 the EMA, which the checkpoint holds, never moves"),
+)
 
 
 def caption_mix(spec: str) -> dict[str, float]:
-    """'field:weight,...' -> {field: probability}; weights must be positive."""
+    """'field:weight,...' -> {field: probability}; weights must be positive, each field named once."""
     mix = {}
     for item in spec.split(","):
         field, _, weight = item.strip().partition(":")
         try:
-            mix[field] = float(weight or 1)
+            value = float(weight or 1)
         except ValueError:
-            raise ValueError(f"captions={spec!r}: '{item}' is not field:weight") from None
-        if not field or mix[field] <= 0:
-            raise ValueError(f"captions={spec!r}: '{item}' needs a field name and a positive weight")
+            raise ValueError(f"'{item}' is not field:weight (e.g. caption:0.4,short_caption:0.6)") from None
+        if not field or not 0 < value < math.inf or field in mix:
+            raise ValueError(f"'{item}' needs a field name (each once) and a positive weight (e.g. caption:0.4,short_caption:0.6)")
+        mix[field] = value
     total = sum(mix.values())
     return {k: v / total for k, v in mix.items()}
 
 
 def corpus(model, records: list[dict], mix: dict[str, float]) -> dict[str, list[str]]:
-    """Each mixed field's caption of every record; a missing or empty one, or one longer than the
-    decoder's window, is an error naming the record's file:line."""
-    texts = {}
-    for field in mix:
-        for r in records:
-            if not (isinstance(r.get(field), str) and r[field].strip()):
-                raise ValueError(f"{r['where']}: missing or empty \"{field}\" (captions mixes it)")
-        texts[field] = [r[field] for r in records]
-        lengths = model.turn_lengths(texts[field])
-        over = [i for i, n in enumerate(lengths) if n > model.max_text_tokens]
-        if over:
-            raise ValueError(f"{records[over[0]]['where']}: \"{field}\" takes {lengths[over[0]]} tokens, more than "
-                             f"max_text_tokens={model.max_text_tokens} ({len(over)} such captions in all); "
-                             f"raise max_text_tokens")
-    return texts
+    """Each mixed field's caption of every record; a missing or empty one, one with a word the tokenizer
+    does not know, or one longer than the decoder's window (raise max_text_tokens) is an error naming the
+    record's file:line (model.check_texts)."""
+    return {field: model.check_texts(records, field) for field in mix}
 
 
 @torch.no_grad()
@@ -153,7 +167,7 @@ def set_latent_stats(model, rt, cfg, n=2000):
     channels = model.vae.config.latent_channels
     model.latent_shift = torch.zeros(channels, device=rt.device)  # identity first: measure raw latents
     model.latent_scale = torch.ones(channels, device=rt.device)
-    raw = latents_of(model, rt, load_images(records))
+    raw = latents_of(model, rt, load_images(records, cfg.image_size or None))
     model.latent_shift = raw.mean((0, 2, 3)).to(rt.device)
     model.latent_scale = (1 / raw.std((0, 2, 3))).to(rt.device)
     rt.print("latent shift " + " ".join(f"{v:.2f}" for v in model.latent_shift.tolist())
@@ -193,8 +207,9 @@ def probe(model, rt, val, scenes, cfg, generator) -> dict:
         "short_mentioned_recall": shapes.mentioned_object_recall([r["short_caption"] for r in val], short)}
 
 
-def build_model(cfg, rt) -> M.UAE:
-    """init_from's UAE; with new_decoder its decoder replaced by a fresh projector + DiT (and VAE)."""
+def build_model(cfg, rt, sides: tuple[int, int]) -> M.UAE:
+    """init_from's UAE; with new_decoder its decoder replaced by a fresh projector + DiT (and VAE). The
+    training images' sides (height, width) are checked against the decoder before any work."""
     if cfg.init_from == "pretrained":  # paper scale: the first UAE, straight from the two released checkpoints
         model = M.UAE.from_pretrained(cfg.qwen_dir, cfg.sd3_dir, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
     else:
@@ -203,12 +218,14 @@ def build_model(cfg, rt) -> M.UAE:
         if cfg.vae_dir:
             model.vae = AutoencoderKL.from_pretrained(cfg.vae_dir).to(rt.device).requires_grad_(False)
             model.sources.pop("vae", None)
-            set_latent_stats(model, rt, cfg)
         model.max_text_tokens = cfg.max_text_tokens
         model.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler.config, shift=cfg.timestep_shift)
         dit = M.tiny_dit(model.vae, cfg.dit_layers, cfg.dit_heads, cfg.dit_head_dim, cfg.dit_patch, cfg.joint_dim,
                          model.pooled.numel(), cfg.qk_norm or None)
         model.replace_decoder(dit, cfg.projector_hidden, cfg.text_positions, cfg.prediction)
+    model.check_image_size(*sides)
+    if cfg.new_decoder and cfg.vae_dir:
+        set_latent_stats(model, rt, cfg)
     model.llm.requires_grad_(False).eval()
     return model
 
@@ -241,12 +258,22 @@ def ema_weights(params, ema):
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     rt, state = start_run(cfg)
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
-    model = build_model(cfg, rt)
+    # ---- data (every line checked before any model is built; the captions' words and lengths once the tokenizer is there)
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_images=True)  # paper scale: images read per step
+    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
+    mix = caption_mix(cfg.captions)
+    val_scenes = shapes.scenes_of(val)  # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5)
+    # ---- model
+    model = build_model(cfg, rt, (cfg.image_size,) * 2 if cfg.image_size else tuple(load_images(train[:1]).shape[-2:]))
+    captions = corpus(model, train, mix)  # field -> one caption per record
+    val_captions = model.check_texts(val, "caption")
+    if val_scenes is not None:  # the probe also draws from the short captions
+        model.check_texts(val, "short_caption")
     trained = model.decoder_modules()
     broadcast_from_master([p for m in trained for p in m.parameters()])  # one model on every rank (per-rank seeds drew the random inits)
     if cfg.grad_checkpointing:
@@ -267,15 +294,8 @@ def main(argv=None):
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
     rt.print(f"decoder: projector {sum(p.numel() for p in model.projector.parameters()) / 1e6:.2f}M + "
              f"DiT {sum(p.numel() for p in model.transformer.parameters()) / 1e6:.2f}M trainable parameters")
-    # ---- data
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
-    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
-    mix = caption_mix(cfg.captions)
-    captions = corpus(model, train, mix)  # field -> one caption per record
+    # ---- features
     fields, weights = list(mix), torch.tensor(list(mix.values()))
-    val_captions = [r["caption"] for r in val]
-    # GenEval-shapes needs the true scenes: only the shapes world has them (DESIGN §5 "scene")
-    val_scenes = shapes.scenes_of(val)
     size = cfg.image_size or None  # None: as stored
     t0 = time.time()
     if cfg.cache_features:  # the LLM and VAE are frozen: their outputs are fixed, compute them once

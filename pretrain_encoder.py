@@ -20,10 +20,10 @@ from tqdm import tqdm
 import model as M
 import shapes
 from common import (
-    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, lr_at, NonFiniteGuard,
-    save_checkpoint, set_rng_state, start_run)
-from configurator import configure
-from data import load_images, read_jsonl
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, checkpoint_rule, end_run, folder_rule, lr_at,
+    NonFiniteGuard, RESUME_REMEDY, RULES, save_checkpoint, set_rng_state, start_run)
+from configurator import at_least, between, configure, must, only_if
+from data import DataError, load_images, read_jsonl
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -59,6 +59,20 @@ config = dict(
     seed=1337,  # base seed (+ rank)
     threads=0,  # torch CPU threads (0 = default)
 )
+scratch = lambda cfg: cfg.init_from == "scratch"
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    caption_field=must(lambda v, c: v.strip(), "a JSONL field name"),
+    grounding=between(0.0, 1.0, "a share of the examples"),
+    init_from=checkpoint_rule("scratch"),
+    tokenizer_dir=only_if(scratch, folder_rule("tokenizer.json")),
+    vae_dir=only_if(scratch, folder_rule("config.json")),
+    llm_hidden=must(lambda v, c: v % (16 * c.llm_heads) == 0 and v > 0, "a multiple of 16 x llm_heads (M-RoPE cuts a head into 16ths)"),
+    llm_layers=at_least(1),
+    llm_heads=must(lambda v, c: v >= 2 and v % 2 == 0, "even and >= 2 (two key/value heads serve them)"),
+    vision_hidden=must(lambda v, c: v >= 8 and v % max(1, v // 32) == 0 and v // max(1, v // 32) % 4 == 0,
+                       "whole heads (vision_hidden // 32 of them, at least 1) of a multiple of 4 (2-D rotary)"),
+    vision_layers=at_least(1),
+)
 
 
 def build_processor(tokenizer_dir: str):
@@ -84,14 +98,21 @@ def caption_ids(model, texts: list[str]) -> torch.Tensor:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     rt, state = start_run(cfg)
     if state == "complete":
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
+    # ---- data (every line checked before any model is built)
+    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
+    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
+    train_scenes = shapes.scenes_of(train)
+    if cfg.grounding > 0 and train_scenes is None:
+        raise DataError(f"grounding={cfg.grounding} needs a \"scene\" on every line of {cfg.data_dir}/train.jsonl (shapes world); use --grounding=0")
+    val_scenes = shapes.scenes_of(val)
     # ---- model
     if state is not None:
-        model = M.UAE.load(cfg.out_dir)
+        model = M.UAE.load(cfg.out_dir, remedy=RESUME_REMEDY)
     elif cfg.init_from == "scratch":
         from diffusers import AutoencoderKL
         model = M.UAE.build_tiny(build_processor(cfg.tokenizer_dir), AutoencoderKL.from_pretrained(cfg.vae_dir),
@@ -114,17 +135,11 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         rt.print(f"resumed from {cfg.out_dir} at step {step}")
-    # ---- data
-    train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
-    val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
-    for r in train:
-        if not r.get(cfg.caption_field, "").strip():
-            raise ValueError(f"{r['where']}: missing or empty \"{cfg.caption_field}\"")
+    model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first probe
+    targets = model.check_texts(train, cfg.caption_field, window=False)  # present, and no word the tokenizer lacks
+    # ---- images
     train_images = load_images(train)
-    train_scenes = shapes.scenes_of(train)
-    if cfg.grounding > 0 and train_scenes is None:
-        raise ValueError(f"grounding={cfg.grounding} needs a \"scene\" on every line of {cfg.data_dir}/train.jsonl (shapes world); use --grounding=0")
-    val_images, val_scenes = load_images(val), shapes.scenes_of(val)
+    val_images = load_images(val)
     # ---- loop
     t0, t_log, guard = time.time(), time.time(), NonFiniteGuard(rt, cfg.max_bad_steps, cfg.out_dir)
     if state is not None:  # last: start-up draws random numbers too (set_rng_state)
@@ -137,7 +152,7 @@ def main(argv=None):
         idx = torch.randint(0, len(train), (local_batch,))
         ask = (torch.rand(local_batch) < cfg.grounding).tolist()
         choice = torch.randint(0, 1 << 30, (local_batch,)).tolist()
-        turns = [shapes.object_question(train_scenes[i], c) if a else (model.caption_prompt, train[i][cfg.caption_field])
+        turns = [shapes.object_question(train_scenes[i], c) if a else (model.caption_prompt, targets[i])
                  for i, a, c in zip(idx.tolist(), ask, choice)]
         ids = caption_ids(model, [answer for _, answer in turns])
         with rt.autocast(training=True):

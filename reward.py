@@ -106,8 +106,6 @@ def _is_torchscript(path: str) -> bool:  # the marker torch.load itself checks f
 def _load_open_clip(spec: str, name: str, path: str) -> Backbone:
     import open_clip
     from open_clip.factory import load_state_dict
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"open_clip checkpoint not found: '{path}' (spec '{spec}')")
     open_clip.add_model_config(Path(__file__).parent / "config" / "open_clip")  # ShapesCLIP etc.
     # We build the architecture by name and load the weights ourselves, so silence create_model's
     # "initialized randomly" warning. pretrained_text=False: never fetch a hub text tower.
@@ -138,8 +136,6 @@ def _load_open_clip(spec: str, name: str, path: str) -> Backbone:
 
 def _load_hf(spec: str, path: str) -> Backbone:
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: '{path}' (spec '{spec}')")
     model_type = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False).model_type
     if model_type not in HF_TYPES:  # each type's feature is chosen by HFImageTower
         raise ValueError(f"{spec}: model_type '{model_type}' is not one of {HF_TYPES}")
@@ -155,16 +151,27 @@ def _load_hf(spec: str, path: str) -> Backbone:
     return Backbone(spec, HFImageTower(model), resize, crop, interpolation, proc.image_mean, proc.image_std, proc)
 
 
-def load_backbone(spec: str, device: str | torch.device | None = None) -> Backbone:
-    """spec: 'open_clip:<model_name>:<checkpoint_file>' or 'hf:<local_dir>' (local files only)."""
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """(kind, model name, path) of a backbone spec, checked without loading anything: a bad form is a
+    ValueError, a missing file or directory a FileNotFoundError, each naming the spec (the scripts' config
+    rules call this before any model is loaded)."""
     kind, _, rest = spec.partition(":")
     name, _, path = rest.partition(":")  # the checkpoint path may itself contain ':'
     if kind == "open_clip" and name and path:
-        backbone = _load_open_clip(spec, name, path)
-    elif kind == "hf" and rest:
-        backbone = _load_hf(spec, rest)
-    else:
-        raise ValueError(f"invalid backbone spec '{spec}'; valid forms: {SPEC_FORMS}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"open_clip checkpoint not found: '{path}' (spec '{spec}')")
+        return kind, name, path
+    if kind == "hf" and rest:
+        if not os.path.isdir(rest):
+            raise FileNotFoundError(f"model directory not found: '{rest}' (spec '{spec}')")
+        return kind, "", rest
+    raise ValueError(f"invalid backbone spec '{spec}'; valid forms: {SPEC_FORMS}")
+
+
+def load_backbone(spec: str, device: str | torch.device | None = None) -> Backbone:
+    """spec: 'open_clip:<model_name>:<checkpoint_file>' or 'hf:<local_dir>' (local files only)."""
+    kind, name, path = parse_spec(spec)
+    backbone = _load_open_clip(spec, name, path) if kind == "open_clip" else _load_hf(spec, path)
     return backbone.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import model as M
-from common import setup_runtime
-from configurator import configure
+from common import checkpoint_rule, RULES, setup_runtime
+from configurator import at_least, configure, must, one_of, only_if
 from data import load_images, read_jsonl, save_grid, to_uint8_hwc
 
 config = dict(
@@ -34,24 +34,30 @@ config = dict(
     dtype="auto",  # auto = bfloat16 (cpu / modern gpus) else float16
     seed=0,  # sampling seed
 )
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    ckpt=checkpoint_rule(),
+    mode=one_of("i2t", "t2i", "i2i"),
+    data=only_if(lambda cfg: cfg.mode != "t2i" or not cfg.prompt, must(lambda v, c: os.path.isfile(v), "a JSONL file")),
+    n=at_least(1),
+)
 
 
 @torch.no_grad()
 def main(argv=None):
-    cfg = configure(config, argv)
-    if cfg.mode not in ("i2t", "t2i", "i2i"):
-        raise ValueError(f"--mode must be i2t, t2i or i2i, got {cfg.mode!r}")
+    cfg = configure(config, argv, rules)
+    records = [] if cfg.mode == "t2i" and cfg.prompt else read_jsonl(cfg.data, need_caption=cfg.mode == "t2i")[:cfg.n]
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.seed)
     model = M.UAE.load(cfg.ckpt).to(rt.device).eval()
+    model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     os.makedirs(cfg.out_dir, exist_ok=True)
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed)
-    if cfg.mode == "t2i":
-        texts = [cfg.prompt] * cfg.n if cfg.prompt else [r["caption"] for r in read_jsonl(cfg.data)[:cfg.n]]
+    if cfg.mode == "t2i":  # a word the tokenizer does not know, or a text longer than the window, is named before drawing
+        texts = [cfg.prompt] * cfg.n if cfg.prompt else model.check_texts(records, "caption")
         with rt.autocast():
             images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator)
         rows = [(text, image) for text, image in zip(texts, images)]
     else:
-        sources = load_images(read_jsonl(cfg.data)[:cfg.n])
+        sources = load_images(records)
         with rt.autocast():
             texts = model.describe(sources, cfg.temperature, cfg.max_new_tokens, cfg.greedy)
         rows = [(src, text) for src, text in zip(sources, texts)]
@@ -61,6 +67,9 @@ def main(argv=None):
             rows = [row + (image,) for row, image in zip(rows, images)]
             if model.turns_cut:
                 print(f"{model.turns_cut} caption(s) re-encoded longer than the decoder's window: cut to it")
+            if model.unknown_word_captions:
+                print(f"warning: {model.unknown_word_captions} caption(s) with words the tokenizer does not know: read as "
+                      f"{model.tokenizer.unk_token}")
     for i, row in enumerate(rows):
         print(f"{i}: {next(c for c in row if isinstance(c, str))}")
         for j, cell in enumerate(c for c in row if not isinstance(c, str)):

@@ -17,12 +17,13 @@ Splits are disjoint as scenes (`scene_key`, jitter ignored): `check_disjoint` pr
 """
 import dataclasses
 import random
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from data import to_uint8_hwc
+from data import DataError, to_uint8_hwc
 
 CANVAS = 48  # 3 cells of 16 px: with the f=4 VAE and DiT patch 4 one image token is exactly one cell
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
@@ -65,16 +66,55 @@ def canonical(objs) -> tuple:
     return tuple(sorted(objs, key=key))
 
 
-def scene_from_json(items: list[dict]) -> tuple:
-    return canonical(Obj(**item) for item in items)
+SCENE_VALUES = {"pos": POSITIONS, "color": tuple(COLORS), "shape": SHAPES, "size": SIZES}
+
+
+def scene_from_json(items: list[dict], where: str = "scene") -> tuple:
+    """A scene from its JSON (a JSONL line's "scene": a list of {pos, color, shape, size, dx, dy}). Every field
+    is checked, a bad one named with `where` (the line's file:line) and the valid values: an unknown colour
+    would skew the metrics, an unknown position fail after all the work."""
+    if not isinstance(items, list):
+        raise DataError(f"{where}: \"scene\" must be a list of objects, got {json_name(items)}")
+    objs = []
+    for n, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(f"{where}: scene object {n} must be an object {{pos, color, shape, size, dx, dy}}, got {json_name(item)}")
+        unknown = sorted(set(item) - set(SCENE_VALUES) - {"dx", "dy"})
+        if unknown:
+            raise DataError(f"{where}: scene object {n} has unknown field(s) {', '.join(unknown)}; valid: pos, color, shape, size, dx, dy")
+        for key, values in SCENE_VALUES.items():
+            if item.get(key) not in values:
+                raise DataError(f"{where}: scene object {n}: {key} {item.get(key)!r} is not one of {', '.join(values)}")
+        for key in ("dx", "dy"):
+            if type(item.get(key, 0)) is not int or abs(item.get(key, 0)) > JITTER:
+                raise DataError(f"{where}: scene object {n}: {key} {item[key]!r} must be an integer in [-{JITTER}, {JITTER}]")
+        objs.append(Obj(**item))
+    for attrs, what in (((lambda o: o.pos), "cell"), ((lambda o: (o.color, o.shape)), "colour and shape")):
+        seen = [attrs(o) for o in objs]
+        twice = next((a for a in seen if seen.count(a) > 1), None)
+        if twice is not None:
+            raise DataError(f"{where}: two scene objects share the {what} {twice}: a scene's objects have distinct ones")
+    return canonical(objs)
+
+
+def json_name(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
 
 
 # ----------------------------------------------------------------------------- sampling, rendering
 
 def scenes_of(records: list[dict]) -> list[tuple] | None:
-    """The records' scenes when every record has one (the shapes world), else None: the oracle tables
-    need them, and any other dataset simply has no such tables."""
-    return [scene_from_json(r["scene"]) for r in records] if all("scene" in r for r in records) else None
+    """The records' scenes (checked: scene_from_json) when they have them (the shapes world), else None: the
+    oracle tables need them, and any other dataset simply has no such tables. Some lines with a scene and
+    some without is an error naming the first line without."""
+    having = [r for r in records if "scene" in r]
+    if not having:
+        return None
+    if len(having) < len(records):
+        first = next(r for r in records if "scene" not in r)
+        raise DataError(f"{first['where']}: no \"scene\", while {having[0]['where']} has one: give every line a scene "
+                        f"(the shapes world) or none")
+    return [scene_from_json(r["scene"], r["where"]) for r in records]
 
 
 def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = 4) -> tuple:
@@ -273,6 +313,8 @@ def detect_scene(image) -> tuple:
     blob of at least MIN_OBJECT_PIXELS is an object whose size and shape come from classify_blob.
     Objects never leave their cell (jitter is bounded), so cells separate same-coloured objects."""
     rgb = to_uint8_hwc(image).astype(np.float32)
+    if rgb.shape != (CANVAS, CANVAS, 3):  # the cells are those of the world's canvas: another size reads garbage
+        raise ValueError(f"detect_scene reads {CANVAS}x{CANVAS} RGB images of the shapes world, got {rgb.shape[1]}x{rgb.shape[0]}")
     dist = np.linalg.norm(rgb[:, :, None, :] - _PALETTE[None, None], axis=-1)
     label = dist.argmin(-1)
     label[dist.min(-1) > MAX_COLOR_DISTANCE] = 0
@@ -473,6 +515,13 @@ def vocabulary(style: str = "qwen") -> list[str]:
     words += sorted({w for p in POSITIONS for w in p.split()} | set(CAPTION_PROMPT.replace(".", " ").split()))
     spec = TOKENIZER_STYLES[style]
     return spec["special"] + list(dict.fromkeys(words + spec["extra_words"]))
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of a text outside the world's vocabulary, split as the world's tokenizer splits them (words and
+    runs of punctuation, lowercased): its tokenizer would read each as [UNK], the oracle ignores them."""
+    known = set(vocabulary())
+    return [w for w in re.findall(r"\w+|[^\w\s]+", text.lower()) if w not in known]
 
 
 def build_tokenizer(style: str = "qwen"):

@@ -219,7 +219,7 @@ class UMM2(Captioner, nn.Module):
     def load(cls, directory: str, dtype=torch.float32):
         """A checkpoint written by save(); adapters arrive merged into the LLM."""
         from transformers import AutoProcessor, JanusForConditionalGeneration
-        meta, paths = read_parts(directory, "UMM2")
+        meta, paths = read_parts(directory, "UMM2", cls.PARTS)
         llm = JanusForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
         model = cls(llm, AutoProcessor.from_pretrained(paths["processor"]), meta["caption_prompt"],
                     meta["max_caption_tokens"], paths)

@@ -41,7 +41,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)  # this script lives in data/shapes/; the world's code is at the top level
 import shapes  # noqa: E402
-from configurator import configure  # noqa: E402
+from common import RULES  # noqa: E402
+from configurator import at_least, configure  # noqa: E402
 from data import write_json  # noqa: E402
 
 config = dict(
@@ -62,6 +63,22 @@ config = dict(
     judge_batch=48,  # scenes per judge step (7x images, as the reward's)
     judge_lr=2e-3,  # judges' AdamW peak learning rate
     threads=0,  # torch threads (0 = torch's default)
+)
+rules = {k: RULES[k] for k in ("out_dir", "seed", "threads")} | dict(  # valid values beyond the types, checked before any work
+    n_train=at_least(1),
+    n_val=at_least(1),
+    n_test=at_least(1),
+    n_bench=at_least(1),
+    clip_steps=at_least(1),
+    clip_batch=at_least(2, "contrastive: a batch needs other scenes"),
+    clip_lr=at_least(0.0),
+    clip_warmup=at_least(0),
+    clip_weight_decay=at_least(0.0),
+    clip_eval_n=at_least(1),
+    judge_steps=at_least(1),
+    dino_steps=at_least(1),
+    judge_batch=at_least(2, "contrastive: a batch needs other scenes"),
+    judge_lr=at_least(0.0),
 )
 
 
@@ -300,7 +317,7 @@ def evaluate_backbone(encode_image, encode_text, scenes, seed) -> dict:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     os.makedirs(cfg.out_dir, exist_ok=True)

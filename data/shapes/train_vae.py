@@ -37,9 +37,9 @@ from diffusers import AutoencoderKL
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)  # this script lives in data/shapes/; the world's code is at the top level
 import shapes  # noqa: E402
-from configurator import configure  # noqa: E402
+from configurator import at_least, between, configure, must  # noqa: E402
 from data import load_images, read_jsonl, write_json  # noqa: E402
-from common import atomic_dir  # noqa: E402
+from common import atomic_dir, RULES  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -67,6 +67,19 @@ config = dict(
     stats_n=2000,  # train images for the latent mean / std
     log_interval=100,  # steps between log lines
     threads=0,  # torch threads (0 = torch's default)
+)
+rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work (data_dir: read after training)
+    block_out_channels=must(lambda v, c: len(v) >= 1 and all(isinstance(n, int) and n > 0 and n % c.norm_num_groups == 0 for n in v),
+                            "a tuple of positive channel counts, each divisible by norm_num_groups"),
+    layers_per_block=at_least(1),
+    latent_channels=at_least(1),
+    norm_num_groups=at_least(1),
+    max_objects=between(1, 9, "distinct cells of the 3x3 grid"),
+    min_lr_frac=between(0.0, 1.0),
+    beta2=must(lambda v, c: 0 <= v < 1, "in [0, 1)"),
+    edge_weight=at_least(0.0),
+    kl_weight=at_least(0.0),
+    stats_n=at_least(1),
 )
 
 
@@ -180,7 +193,7 @@ def latent_stats(vae: AutoencoderKL, cfg) -> dict:
 
 
 def main(argv=None):
-    cfg = configure(config, argv)
+    cfg = configure(config, argv, rules)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
