@@ -2806,6 +2806,8 @@ def test_decoder_diag_counts_errors_and_splits_the_outcome_variance(tiny_world):
         decoder_diag.main(args + ["--mode=credit", "--noise_level=0.0"])
     with pytest.raises(ValueError, match="mode='x'"):
         decoder_diag.main(args + ["--mode=x"])
+    with pytest.raises(ValueError, match="ckpts="):
+        decoder_diag.main(args + [f"--ckpts={ckpt},{tiny_world}"])
 # ----------------------------------------------------------------------------- bad input named before any work (issue 27)
 
 def test_config_rules_name_each_bad_value_with_its_valid_range(tmp_path):

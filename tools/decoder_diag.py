@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
 import shapes  # noqa: E402
-from common import setup_runtime  # noqa: E402
-from configurator import configure  # noqa: E402
+from common import RULES, setup_runtime  # noqa: E402
+from configurator import above, at_least, configure, must, one_of, only_if  # noqa: E402
 from data import read_jsonl  # noqa: E402
 
 config = dict(
@@ -40,6 +40,18 @@ config = dict(
     batch_size=50,  # images per forward (draw)
     compile=True,  # torch.compile the DiT (draw)
     threads=0,  # torch threads (0 = default)
+)
+rules = {k: RULES[k] for k in ("cfg_scale", "threads")} | dict(  # valid values beyond the types, checked first
+    ckpts=must(lambda v, c: all(os.path.isfile(os.path.join(p, "model.json")) for p in v.split(",")),
+               "comma-separated UAE checkpoint directories (each with model.json)"),
+    data=must(lambda v, c: os.path.isfile(v), "a JSONL file"),
+    n=at_least(1),
+    mode=one_of("draw", "credit"),
+    seeds=at_least(1),
+    latents=at_least(1),
+    steps=at_least(2),
+    noise_level=only_if(lambda cfg: cfg.mode == "credit", above(0.0, "credit needs SDE noise")),
+    batch_size=at_least(1),
 )
 
 
@@ -96,11 +108,7 @@ def credit(model, rt, captions, scenes, cfg) -> dict:
 
 
 def main(argv=None) -> dict:
-    cfg = configure(config, argv)
-    if cfg.mode not in ("draw", "credit"):
-        raise ValueError(f"mode={cfg.mode!r}: must be draw or credit")
-    if cfg.mode == "credit" and cfg.noise_level <= 0:
-        raise ValueError(f"noise_level={cfg.noise_level}: credit needs SDE noise (> 0)")
+    cfg = configure(config, argv, rules)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rt = setup_runtime("auto", "auto", 0)
