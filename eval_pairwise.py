@@ -19,12 +19,10 @@ shapes oracle, Protocol 2's ground truth here), `hf:<dir>` (a local causal LM) a
 Each pair is judged in both orders to cancel position bias; an unreadable verdict is asked once more, then
 counted as unparseable and left out of the rates, never dropped unreported (ChatJudge, tally). Win rate =
 (wins + ties / 2) / decided pairs with its 95% Wilson interval, beside the decisive win rate; with
-`protocol1`, each judge's agreement with Protocol 1's per-image ordering. Headline (third run, test):
-the exact judge prefers encoder RL's captions to base's, win rate 0.956 (0.946 .. 0.964), agreeing with
-Protocol 1 on 0.867 of pairs.
+`protocol1`, each judge's agreement with Protocol 1's per-image ordering. Headline (fourth run, test):
+the exact judge prefers encoder RL's captions to base's, win rate 0.994 (0.990 .. 0.997), agreeing with
+Protocol 1 on 0.973 of pairs.
 
-Writes out_dir/results.json (counts, rates, per-image verdicts and replies, the prompt, the config) and
-out_dir/results.md (the table); prints the table.
 """
 import hashlib
 import http.client
