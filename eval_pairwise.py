@@ -23,6 +23,8 @@ counted as unparseable and left out of the rates, never dropped unreported (Chat
 the exact judge prefers encoder RL's captions to base's, win rate 0.994 (0.990 .. 0.997), agreeing with
 Protocol 1 on 0.973 of pairs.
 
+Writes out_dir/results.json (counts, rates, per-image verdicts and replies, the prompt, the config) and
+out_dir/results.md (the table); prints the table.
 """
 import hashlib
 import http.client
