@@ -601,6 +601,11 @@ def read_json(path: str, remedy: str, required: tuple = ()) -> dict:
             meta = json.loads(f.read())
     except Exception as e:
         raise damaged(path, e, remedy) from None
+    return require_keys(meta, path, required, remedy)
+
+
+def require_keys(meta, path: str, required: tuple, remedy: str) -> dict:
+    """meta (read from path), after checking it is an object holding every `required` key."""
     missing = [k for k in required if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CheckpointError(f"{path} has no {', '.join(map(repr, missing))}: the checkpoint is damaged or was "

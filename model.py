@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from common import CheckpointError, check_files, read_json, reading, SOURCE_REMEDY
+from common import CheckpointError, check_files, read_json, reading, require_keys, SOURCE_REMEDY
 from data import DataError, to_uint8_hwc
 from lora import inject_lora, lora_layers, lora_merged, merge_lora, save_lora
 
@@ -692,7 +692,7 @@ def read_parts(directory: str, architecture: str, parts: tuple, remedy: str = SO
     if isinstance(meta, dict) and meta.get("architecture", "UAE") != architecture:
         raise ValueError(f"{meta_path} holds a {meta['architecture']} checkpoint, not a {architecture} one: "
                          f"load it with {meta['architecture']}.load")
-    meta = read_json(meta_path, remedy, ("parts",) + tuple(required))  # its keys, once the architecture is known
+    require_keys(meta, meta_path, ("parts",) + tuple(required), remedy)  # its keys, once the architecture is known
     if not isinstance(meta["parts"], dict) or set(parts) - set(meta["parts"]):
         raise CheckpointError(f"{meta_path}: \"parts\" must name the directory of each of {', '.join(parts)}; {remedy}")
     paths = {part: os.path.normpath(os.path.join(directory, p)) for part, p in meta["parts"].items()}

@@ -14,8 +14,8 @@ passes that return the same log-probs. Janus's guidance: logits = u + s (c - u),
 the same prompt with every token but bos and <begin_of_image> replaced by pad; tokens ~ softmax(logits / T).
 
 Exactness. A KV-cached step and a teacher-forced forward of the whole sequence add the same numbers in a
-different order (measured on a tiny Janus: log-probs apart by 2e-7 in fp32, 3e-4 in bf16), so log-probs
-recorded while sampling would not be the ones GRPO's ratio recomputes. Here a sampled token is defined by
+different order (log-probs 3e-4 apart in bf16), so log-probs recorded while sampling would not be the ones
+GRPO's ratio recomputes. Here a sampled token is defined by
 the teacher-forced distribution: token t = argmax(log p_t + g_t), p_t teacher-forced given the tokens < t
 and g_t Gumbel noise fixed up front as a function of (row seed, t, token) (the Gumbel-max trick draws
 exactly from p_t). The cached loop only drafts the tokens with the same noise; one teacher-forced pass
@@ -24,12 +24,10 @@ difference and is drafted again from there (settle). The tokens are then exactly
 sampler of the teacher-forced distribution, and their log-probs are the teacher-forced pass's: the ratio is
 exactly 1 on-policy in any dtype, as long as the update runs the same rows in the same layout (dtype,
 attention kernel, micro-batch). A draft differs only where two candidates' noisy scores are closer than
-the numerical error (measured at bf16, CFG 5, a random 3M-parameter model: 0.09% of tokens; sampling by
-inverse CDF at a fixed uniform would move 2.5%), so the first check usually passes; `rounds` counts them.
+the numerical error (0.09% of tokens at bf16, CFG 5), so the first check usually passes (`rounds`).
 
-One class serves both scales: `UMM2.build_tiny(...)` makes a shapes-world model from configs,
-`UMM2.from_pretrained(janus_dir)` loads a Janus-Pro directory in the transformers layout (e.g.
-deepseek-community/Janus-Pro-1B), `UMM2.save` / `UMM2.load` handle our checkpoints (model.py's layout).
+Both scales: `UMM2.build_tiny(...)` (shapes world), `UMM2.from_pretrained(janus_dir)` (a Janus-Pro directory
+in the transformers layout), `UMM2.save` / `UMM2.load` (our checkpoints, model.py's layout).
 """
 import inspect
 import json
