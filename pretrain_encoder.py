@@ -83,6 +83,22 @@ def caption_ids(model, texts: list[str]) -> torch.Tensor:
     return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
 
 
+def caption_loss(model, rt, records, images, scenes, n: int, grounding: float, field: str) -> torch.Tensor:
+    """Cross-entropy of n random examples' answers (a UAE or a UMM2): the caption `field` after the caption
+    prompt, or with probability `grounding` the answer to a question about one object of the scene."""
+    idx = torch.randint(0, len(records), (n,))
+    ask = (torch.rand(n) < grounding).tolist()
+    choice = torch.randint(0, 1 << 30, (n,)).tolist()
+    turns = [shapes.object_question(scenes[i], c) if a else (model.caption_prompt, records[i][field])
+             for i, a, c in zip(idx.tolist(), ask, choice)]
+    ids = caption_ids(model, [answer for _, answer in turns])
+    with rt.autocast(training=True):
+        prompt = model.caption_inputs(images[idx], prompts=[question for question, _ in turns])
+        logp = model.caption_logprobs(prompt, ids, temperature=1.0)
+    mask = ids != model.tokenizer.pad_token_id
+    return -torch.where(mask, logp, 0.0).sum() / mask.sum()
+
+
 def main(argv=None):
     cfg = configure(config, argv)
     rt, state = start_run(cfg)
@@ -134,17 +150,7 @@ def main(argv=None):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(train), (local_batch,))
-        ask = (torch.rand(local_batch) < cfg.grounding).tolist()
-        choice = torch.randint(0, 1 << 30, (local_batch,)).tolist()
-        turns = [shapes.object_question(train_scenes[i], c) if a else (model.caption_prompt, train[i][cfg.caption_field])
-                 for i, a, c in zip(idx.tolist(), ask, choice)]
-        ids = caption_ids(model, [answer for _, answer in turns])
-        with rt.autocast(training=True):
-            prompt = model.caption_inputs(train_images[idx], prompts=[question for question, _ in turns])
-            logp = model.caption_logprobs(prompt, ids, temperature=1.0)
-        mask = ids != model.tokenizer.pad_token_id
-        loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
+        loss = caption_loss(model, rt, train, train_images, train_scenes, local_batch, cfg.grounding, cfg.caption_field)
         if not guard.passed(all_finite(loss), step + 1):
             continue
         opt.zero_grad(set_to_none=True)
