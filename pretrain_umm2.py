@@ -12,6 +12,10 @@ pad, UMM2.unconditional), the branch classifier-free guidance reads.
     python pretrain_umm2.py --vq_dir=out/pretrain_vq
     torchrun --standalone --nproc_per_node=2 pretrain_umm2.py
 
+Measured (a 6.5-minute trial, 1 thread, on a 2,000-step tokenizer that reads 54% of val scenes exactly; not
+a plateau): 0.26-0.34 s per step of 64; at step 25 / 400 / 1,400 the I2T loss 2.60 / 0.59 / 0.48, the T2I loss
+6.90 / 4.66 / 2.96 (ln 1024 = 6.93); GenEval-shapes still 0 at step 1,250 (count 0.37), caption precision 0.43.
+
 Writes out_dir/ (a UMM2 checkpoint: the whole Janus, tokenizer included, and its processor) with training
 state. Probes: caption precision / recall / small-object recall of greedy captions (shapes.caption_report)
 and GenEval-shapes of images drawn with guidance from the true complete captions.
