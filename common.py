@@ -111,14 +111,14 @@ def out_dir_rule(value: str, cfg) -> str | None:
     return None
 
 
-def checkpoint_rule(*words: str):
-    """A UAE checkpoint directory (model.json, written by a stage's save), or one of `words` ("scratch")."""
+def checkpoint_rule(*words: str, kind: str = "UAE"):
+    """A `kind` (UAE, UMM2) checkpoint directory (model.json, written by a stage's save), or one of `words` ("scratch")."""
     def rule(value: str, cfg) -> str | None:
         if value in words:
             return None
         if os.path.isfile(os.path.join(value, "model.json")):
             return None
-        what = " or ".join([repr(w) for w in words] + ["a UAE checkpoint directory (a folder with model.json)"])
+        what = " or ".join([repr(w) for w in words] + [f"a {kind} checkpoint directory (a folder with model.json)"])
         return f"must be {what}: " + ("it has no model.json" if os.path.isdir(value) else "no such directory")
     return rule
 

@@ -8,6 +8,7 @@ RGB (transparency over white) and square (shorter side resized, centre crop), so
 the dataset's size. Bad input is reported with the file and line number, never skipped.
 """
 import json
+import math
 import os
 
 import numpy as np
@@ -83,6 +84,22 @@ def read_jsonl(path: str, need_caption: bool = True, need_images: bool = False) 
     if not records:
         raise DataError(f"{path}: no records")
     return records
+
+
+def caption_mix(spec: str) -> dict[str, float]:
+    """'field:weight,...' -> {field: probability}; weights must be positive, each field named once."""
+    mix = {}
+    for item in spec.split(","):
+        field, _, weight = item.strip().partition(":")
+        try:
+            value = float(weight or 1)
+        except ValueError:
+            raise ValueError(f"'{item}' is not field:weight (e.g. caption:0.4,short_caption:0.6)") from None
+        if not field or not 0 < value < math.inf or field in mix:
+            raise ValueError(f"'{item}' needs a field name (each once) and a positive weight (e.g. caption:0.4,short_caption:0.6)")
+        mix[field] = value
+    total = sum(mix.values())
+    return {k: v / total for k, v in mix.items()}
 
 
 def load_image(record: dict, size: int | None = None, over_white: bool = True) -> np.ndarray:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from common import CheckpointError, check_files, read_json, reading, require_keys, SOURCE_REMEDY
 from data import DataError, to_uint8_hwc
 from lora import inject_lora, lora_layers, lora_merged, merge_lora, save_lora
+from shapes import object_question
 
 # ============================================================================ the auto-encoder
 
@@ -127,6 +128,32 @@ class Captioner:
         cap - 1 tokens besides its eos. Nothing is cut silently: eval_unified reports this count."""
         cap = self.caption_cap(max_new_tokens)
         return sum(len(ids) >= cap for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def caption_ids(model: Captioner, texts: list[str]) -> torch.Tensor:
+    """Assistant-turn targets: caption + the closing eos (<|im_end|>), right-padded with the pad token."""
+    tok = model.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, rows))
+    return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
+
+
+def caption_loss(model: Captioner, rt, images, targets: list[str], scenes, n: int, grounding: float) -> torch.Tensor:
+    """Captioning SFT of a UAE or a UMM2 (pretrain_encoder.py, pretrain_umm2.py): cross-entropy of the answers
+    of n random examples, image and prompt masked. An answer is the example's caption `targets[i]` after the
+    caption prompt or, with probability `grounding`, the answer to a question about one object of its scene
+    (shapes.object_question; scenes may be None when grounding is 0)."""
+    idx = torch.randint(0, len(targets), (n,))
+    ask = (torch.rand(n) < grounding).tolist()
+    choice = torch.randint(0, 1 << 30, (n,)).tolist()
+    turns = [object_question(scenes[i], c) if a else (model.caption_prompt, targets[i])
+             for i, a, c in zip(idx.tolist(), ask, choice)]
+    ids = caption_ids(model, [answer for _, answer in turns])
+    with rt.autocast(training=True):
+        prompt = model.caption_inputs(images[idx], prompts=[question for question, _ in turns])
+        logp = model.caption_logprobs(prompt, ids, temperature=1.0)
+    mask = ids != model.tokenizer.pad_token_id
+    return -torch.where(mask, logp, 0.0).sum() / mask.sum()
 
 
 class UAE(Captioner, nn.Module):

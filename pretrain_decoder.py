@@ -40,7 +40,7 @@ from common import (
     full_tensor, like_param, lr_at, load_optimizer_state, micro_slices, NonFiniteGuard, reshard, RULES, save_checkpoint,
     set_rng_state, shard, start_run)
 from configurator import above, at_least, between, configure, must, one_of, only_if, parses
-from data import load_images, read_jsonl
+from data import caption_mix, load_images, read_jsonl
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
@@ -96,7 +96,7 @@ config = dict(
 )
 pretrained = lambda cfg: cfg.init_from == "pretrained"
 rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
-    captions=parses(lambda spec: caption_mix(spec)),  # field:weight,...
+    captions=parses(caption_mix),  # field:weight,...
     init_from=checkpoint_rule("pretrained"),
     qwen_dir=only_if(pretrained, folder_rule("config.json")),  # a transformers model directory
     sd3_dir=only_if(pretrained, folder_rule("model_index.json")),  # a diffusers pipeline directory
@@ -116,22 +116,6 @@ rules = RULES | dict(  # valid values beyond the types (configurator), checked b
     cond_dropout=between(0.0, 1.0, "a probability"),
     ema_decay=must(lambda v, c: 0 <= v < 1, "in [0, 1): at 1 the EMA, which the checkpoint holds, never moves"),
 )
-
-
-def caption_mix(spec: str) -> dict[str, float]:
-    """'field:weight,...' -> {field: probability}; weights must be positive, each field named once."""
-    mix = {}
-    for item in spec.split(","):
-        field, _, weight = item.strip().partition(":")
-        try:
-            value = float(weight or 1)
-        except ValueError:
-            raise ValueError(f"'{item}' is not field:weight (e.g. caption:0.4,short_caption:0.6)") from None
-        if not field or not 0 < value < math.inf or field in mix:
-            raise ValueError(f"'{item}' needs a field name (each once) and a positive weight (e.g. caption:0.4,short_caption:0.6)")
-        mix[field] = value
-    total = sum(mix.values())
-    return {k: v / total for k, v in mix.items()}
 
 
 def corpus(model, records: list[dict], mix: dict[str, float]) -> dict[str, list[str]]:

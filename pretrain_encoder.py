@@ -89,14 +89,6 @@ def build_processor(tokenizer_dir: str):
                                chat_template=shapes.CHAT_TEMPLATE)
 
 
-def caption_ids(model, texts: list[str]) -> torch.Tensor:
-    """Assistant-turn targets: caption + <|im_end|>, right-padded with the pad token."""
-    tok = model.tokenizer
-    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
-    width = max(map(len, rows))
-    return torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], device=model.device)
-
-
 def main(argv=None):
     cfg = configure(config, argv, rules)
     rt, state = start_run(cfg)
@@ -149,17 +141,7 @@ def main(argv=None):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(train), (local_batch,))
-        ask = (torch.rand(local_batch) < cfg.grounding).tolist()
-        choice = torch.randint(0, 1 << 30, (local_batch,)).tolist()
-        turns = [shapes.object_question(train_scenes[i], c) if a else (model.caption_prompt, targets[i])
-                 for i, a, c in zip(idx.tolist(), ask, choice)]
-        ids = caption_ids(model, [answer for _, answer in turns])
-        with rt.autocast(training=True):
-            prompt = model.caption_inputs(train_images[idx], prompts=[question for question, _ in turns])
-            logp = model.caption_logprobs(prompt, ids, temperature=1.0)
-        mask = ids != model.tokenizer.pad_token_id
-        loss = -torch.where(mask, logp, 0.0).sum() / mask.sum()
+        loss = M.caption_loss(model, rt, train_images, targets, train_scenes, local_batch, cfg.grounding)
         if not guard.passed(all_finite(loss), step + 1):
             continue
         opt.zero_grad(set_to_none=True)

@@ -1212,7 +1212,7 @@ def tiny_janus(tmp_path_factory):
     torch.manual_seed(0)
     processor = umm2.build_processor(shapes.build_tokenizer("janus"), image_size=32, patch_size=8)
     built = umm2.UMM2.build_tiny(processor, llm_hidden=32, llm_layers=2, llm_heads=2, llm_kv_heads=1, vision_hidden=32,
-                                 vision_layers=1, codebook_size=64, code_dim=4, vq_levels=4, max_caption_tokens=12).eval()
+                                 vision_layers=1, codebook_size=64, code_dim=4, levels=4, max_caption_tokens=12).eval()
     path = tmp_path_factory.mktemp("janus_pro_layout")
     built.llm.save_pretrained(path)
     processor.save_pretrained(path)
@@ -1429,6 +1429,104 @@ def test_umm2_save_load_bit_identical_relocatable_and_adapter_only_stages(tiny_u
     tiny_umm2_policy.save(str(tmp_path / "paper_rl"), trained=("llm",))
     assert json.load(open(tmp_path / "paper_rl" / "model.json"))["parts"] == {"llm": tiny_umm2.sources["llm"],
                                                                             "processor": tiny_umm2.sources["processor"]}
+
+
+def test_vq_straight_through_forward_by_hand():
+    """umm2.vq_autoencode on a 2x2-token VQ with 3 codes: tokens = nearest code on the unit sphere, the two VQ
+    losses by formula, a reconstruction equal to decoding the tokens, and gradients where VQ-VAE sends them
+    (the pixel loss reaches the encoder through sg(e - z) and never the codes; the codebook term only the codes)."""
+    torch.manual_seed(0)
+    vq = umm2.build_vq(8, codebook_size=3, code_dim=2, channels=32, levels=3)  # 8 px / 4 = a 2x2 grid
+    images = torch.rand(2, 3, 8, 8)
+    out = umm2.vq_autoencode(vq, images)
+    z = vq.quant_conv(vq.encoder(2 * images - 1)).permute(0, 2, 3, 1).reshape(2, 4, 2).detach()
+    z = z / z.norm(dim=-1, keepdim=True)
+    codes = vq.quantize.embedding.weight.detach()
+    codes = codes / codes.norm(dim=-1, keepdim=True)
+    tokens = torch.tensor([[min(range(3), key=lambda k: float(((z[b, m] - codes[k]) ** 2).sum())) for m in range(4)]
+                           for b in range(2)])
+    assert torch.equal(out.tokens, tokens) and torch.allclose(out.latents, z, atol=1e-6)
+    squared = ((codes[tokens] - z) ** 2).sum() / z.numel()
+    assert torch.allclose(out.codebook_loss, squared) and torch.allclose(out.commitment_loss, squared)
+    assert torch.allclose((out.reconstruction + 1) / 2, umm2.vq_decode(vq, tokens), atol=1e-6)  # what inference draws
+    out.reconstruction.square().sum().backward()
+    assert vq.quantize.embedding.weight.grad is None and vq.encoder.conv_in.weight.grad.abs().sum() > 0
+    vq.zero_grad()
+    umm2.vq_autoencode(vq, images).codebook_loss.backward()
+    assert vq.quantize.embedding.weight.grad.abs().sum() > 0 and vq.encoder.conv_in.weight.grad is None
+
+
+TINY_VQ = ["--levels=4", "--codebook_size=64", "--code_dim=4", "--batch_size=4", "--eval_n=4", "--threads=2"]
+TINY_UMM2 = ["--llm_hidden=32", "--llm_layers=1", "--llm_heads=2", "--llm_kv_heads=1", "--vision_hidden=32",
+             "--vision_layers=1", "--batch_size=6", "--eval_n=2", "--max_new_tokens=8", "--threads=2"]
+
+
+def _killed_in_call(monkeypatch, owner, name, n):
+    """Make owner.name raise KeyboardInterrupt on its n-th call (a run killed mid-step)."""
+    calls, real = {"n": 0}, getattr(owner, name)
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owner, name, killed)
+
+
+@pytest.fixture(scope="module")
+def tiny_vq(tiny_world):
+    """pretrain_vq's tokenizer of the tiny world, 2 steps."""
+    import pretrain_vq
+    out = tiny_world / "vq_stage"
+    pretrain_vq.main([f"--data_dir={tiny_world}", f"--out_dir={out}", "--max_steps=2", "--eval_interval=2"] + TINY_VQ)
+    return out
+
+
+def test_pretrain_vq_probes_restarts_dead_codes_and_resumes_bit_for_bit(tiny_world, capsys, tmp_path, monkeypatch):
+    """Killed in step 5 after its step-4 checkpoint and rerun, a run ends with the weights of one never stopped
+    (code usage since the last restart included); dead codes restart; the oracle probe prints its line."""
+    import pretrain_vq
+    base_args = [f"--data_dir={tiny_world}", "--max_steps=6", "--save_interval=2", "--restart_interval=3",
+                 "--eval_interval=6", "--log_interval=2"] + TINY_VQ
+    pretrain_vq.main(base_args + [f"--out_dir={tmp_path / 'whole'}"])
+    out = capsys.readouterr().out
+    assert "step 3 restarted" in out  # 4 images x 36 tokens leave some of 64 codes unused
+    assert re.search(r"eval step 6 overall [0-9.]+ .* codes_used [0-9]+", out)
+    _killed_in_call(monkeypatch, umm2, "vq_autoencode", 5)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_vq.main(base_args + [f"--out_dir={tmp_path / 'cut'}"])
+    assert common.load_training_state(str(tmp_path / "cut"))["step"] == 4
+    monkeypatch.undo()
+    pretrain_vq.main(base_args + [f"--out_dir={tmp_path / 'cut'}"])
+    assert "resumed from" in capsys.readouterr().out
+    whole, cut = (umm2.load_vq(str(tmp_path / d)).state_dict() for d in ("whole", "cut"))
+    assert [k for k in whole if not torch.equal(whole[k], cut[k])] == []
+
+
+def test_pretrain_umm2_trains_both_directions_around_the_tokenizer_and_resumes_bit_for_bit(tiny_world, tiny_vq, capsys,
+                                                                                          tmp_path, monkeypatch):
+    """Both losses logged and falling, the probe line (GenEval-shapes and the caption report), the tokenizer
+    carried over unchanged into the UMM2 checkpoint, and a run killed in step 3 resumes to the same weights."""
+    import pretrain_umm2
+    base_args = [f"--data_dir={tiny_world}", f"--vq_dir={tiny_vq}", "--max_steps=4", "--save_interval=2",
+                 "--eval_interval=4", "--log_interval=1", "--lr=3e-3", "--warmup=1", "--cfg_scale=2.0"] + TINY_UMM2
+    capsys.readouterr()
+    pretrain_umm2.main(base_args + [f"--out_dir={tmp_path / 'whole'}"])
+    out = capsys.readouterr().out
+    i2t, t2i = _logged(out, "i2t"), _logged(out, "t2i")
+    assert len(i2t) == 4 and i2t[-1] < i2t[0] and t2i[-1] < t2i[0]
+    assert re.search(r"eval step 4 gen_overall [0-9.]+ .* small_object_recall \S+ .* precision \S+", out)
+    whole = umm2.UMM2.load(str(tmp_path / "whole"))
+    vq = umm2.load_vq(str(tiny_vq)).state_dict()
+    assert all(torch.equal(v, whole.llm.model.vqmodel.state_dict()[k]) for k, v in vq.items())
+    _killed_in_call(monkeypatch, umm2.UMM2, "image_logprobs", 3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_umm2.main(base_args + [f"--out_dir={tmp_path / 'cut'}"])
+    assert common.load_training_state(str(tmp_path / "cut"))["step"] == 2
+    monkeypatch.undo()
+    pretrain_umm2.main(base_args + [f"--out_dir={tmp_path / 'cut'}"])
+    whole, cut = whole.state_dict(), umm2.UMM2.load(str(tmp_path / "cut")).state_dict()
+    assert [k for k in whole if not torch.equal(whole[k], cut[k])] == []
 
 
 # ----------------------------------------------------------------------------- paper scale: loading real layouts
@@ -2839,7 +2937,7 @@ def test_config_rules_name_each_bad_value_with_its_valid_range(tmp_path):
 
 
 SCRIPTS = ("pretrain_encoder", "pretrain_decoder", "cold_start", "grpo_encoder", "grpo_decoder", "eval_unified", "eval_pairwise",
-           "sample", "bench", "plan", "prepare", "train_vae")
+           "sample", "bench", "plan", "prepare", "train_vae", "pretrain_vq", "pretrain_umm2")
 FREE_KEYS = {"sample": {"prompt"},  # any text (its words and length are checked against the checkpoint's tokenizer)
              "eval_pairwise": {"judges"}}  # parse_judges names a bad spec before any judging
 
@@ -2857,7 +2955,8 @@ def no_model_loads(monkeypatch):
     """Any model load fails the test: bad settings must be named before."""
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad setting was named")
-    for owner, name in [(M.UAE, "load"), (M.UAE, "build_tiny"), (M.UAE, "from_pretrained"), (reward, "load_backbone")]:
+    for owner, name in [(M.UAE, "load"), (M.UAE, "build_tiny"), (M.UAE, "from_pretrained"), (reward, "load_backbone"),
+                        (umm2.UMM2, "load"), (umm2.UMM2, "build_tiny"), (umm2, "load_vq"), (umm2, "build_vq")]:
         monkeypatch.setattr(owner, name, loaded)
 
 
@@ -2865,6 +2964,7 @@ def test_bad_settings_of_every_script_are_named_before_any_model_loads(tiny_worl
     sys.path.insert(0, os.path.join(REPO, "data", "shapes"))
     w, empty, a_file = tiny_world, tmp_path / "empty", tmp_path / "a_file"
     empty.mkdir(), a_file.write_text("x")
+    (tmp_path / "vq_stage" / "vq").mkdir(parents=True), (tmp_path / "vq_stage" / "vq" / "config.json").write_text("{}")
     clip = f"--reward_backbone=open_clip:ShapesCLIP:{w / 'shapes_clip.pt'}"
     base = {"pretrain_encoder": [f"--data_dir={w}", f"--tokenizer_dir={w / 'tokenizer'}", f"--vae_dir={w / 'vae'}"],
             "pretrain_decoder": [f"--data_dir={w}", f"--init_from={w / 'enc'}", f"--vae_dir={w / 'vae'}"],
@@ -2876,7 +2976,8 @@ def test_bad_settings_of_every_script_are_named_before_any_model_loads(tiny_worl
             "eval_pairwise": [f"--candidate={a_file}", f"--baseline={a_file}", f"--data={w / 'bench.jsonl'}"],
             "sample": [f"--ckpt={w / 'dec'}", f"--data={w / 'bench.jsonl'}"],
             "bench": [f"--init_from={w / 'dec'}", f"--data_dir={w}", f"--reward_backbone=open_clip:ShapesCLIP:{w / 'shapes_clip.pt'}"],
-            "plan": [], "prepare": [], "train_vae": [f"--data_dir={w}"]}
+            "plan": [], "prepare": [], "train_vae": [f"--data_dir={w}"],
+            "pretrain_vq": [f"--data_dir={w}"], "pretrain_umm2": [f"--data_dir={w}", f"--vq_dir={tmp_path / 'vq_stage'}"]}
     cases = [
         ("pretrain_encoder", ["--batch_size=0"], "batch_size=0: must be at least 1"),
         ("pretrain_encoder", ["--eval_n=0"], "eval_n=0: must be at least 1"),
@@ -2959,6 +3060,18 @@ def test_bad_settings_of_every_script_are_named_before_any_model_loads(tiny_worl
         ("plan", ["--mfu=0"], "mfu=0.0: must be in (0, 1]"),
         ("plan", ["--stages=foo"], "stages='foo': must be a comma-separated subset of"),
         ("prepare", ["--clip_batch=1"], "clip_batch=1: must be at least 2"),
+        ("pretrain_vq", ["--channels=48"], "channels=48: must be a positive multiple of 32 (GroupNorm of 32 groups)"),
+        ("pretrain_vq", ["--object_weight=0"], "object_weight=0.0: must be more than 0.0"),
+        ("pretrain_vq", ["--restart_interval=-1"], "restart_interval=-1: must be at least 0 (0 = never)"),
+        ("pretrain_vq", ["--levels=0"], "levels=0: must be at least 1"),
+        ("pretrain_umm2", ["--t2i_share=0"], "t2i_share=0.0: must be in (0, 1), leaving each task at least one row"),
+        ("pretrain_umm2", ["--t2i_share=1"], "t2i_share=1.0: must be in (0, 1)"),
+        ("pretrain_umm2", ["--llm_heads=3"], "llm_heads=3: must be a positive multiple of llm_kv_heads"),
+        ("pretrain_umm2", ["--llm_hidden=100"], "llm_hidden=100: must be a multiple of 2 x llm_heads"),
+        ("pretrain_umm2", ["--max_new_tokens=0"], "max_new_tokens=0: must be at least 1"),
+        ("pretrain_umm2", ["--captions=caption:0"], "'caption:0' needs a field name (each once) and a positive weight"),
+        ("pretrain_umm2", [f"--vq_dir={empty}"], "vq_dir=" + repr(str(empty)) + ": the directory has no vq/config.json"),
+        ("pretrain_umm2", ["--init_from=/nonexistent"], "must be 'scratch' or a UMM2 checkpoint directory (a folder with model.json)"),
         ("train_vae", ["--norm_num_groups=3"], "block_out_channels=(16, 32, 64): must be a tuple of positive channel counts, each divisible by norm_num_groups"),
     ]
     if not torch.cuda.is_available():

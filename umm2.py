@@ -163,20 +163,26 @@ class UMM2(Captioner, nn.Module):
     def image_size(self) -> int:
         """Side of the images the VQ decoder draws: the token grid times the VQ's downsampling."""
         vq = self.llm.config.vq_config
-        return vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1)
+        return vq.num_patches * vq_factor(vq)
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def build_tiny(cls, processor, llm_hidden=128, llm_layers=3, llm_heads=4, llm_kv_heads=2, vision_hidden=64,
-                   vision_layers=2, vision_patch=8, codebook_size=1024, code_dim=8, vq_channels=32, vq_levels=4,
-                   max_caption_tokens=64, caption_prompt="describe this image in detail."):
-        """The shapes-world model: the real Janus classes at a few million parameters. The vision encoder reads
-        processor-sized images in vision_patch patches; the VQ tokenizer has the same grid, so it draws images
-        of grid * 2 ** (vq_levels - 1) pixels (GroupNorm of 32 groups: vq_channels a multiple of 32)."""
+    def build_tiny(cls, processor, vq=None, llm_hidden=128, llm_layers=3, llm_heads=4, llm_kv_heads=2,
+                   vision_hidden=64, vision_layers=2, max_caption_tokens=64, caption_prompt="describe this image in detail.",
+                   **vq_sizes):
+        """The shapes-world model: the real Janus classes at a few million parameters. `vq` is its image tokenizer
+        (pretrain_vq.py's, weights copied in; None: a fresh build_vq(**vq_sizes)), drawing processor-sized images.
+        The vision encoder reads them in patches of the VQ's downsampling factor: JanusConfig ties its patch grid
+        to the VQ's token grid."""
         from transformers import JanusConfig, JanusForConditionalGeneration
         tok = processor.tokenizer
         size = processor.image_processor.size["height"]
+        vq = build_vq(size, **vq_sizes) if vq is None else vq
+        if vq.config.num_patches * vq_factor(vq.config) != size:
+            raise ValueError(f"the VQ tokenizer draws {vq.config.num_patches * vq_factor(vq.config)}-px images, "
+                             f"the processor reads {size}-px ones")
+        patch = vq_factor(vq.config)
         config = JanusConfig(
             text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=llm_hidden,
                              intermediate_size=3 * llm_hidden, num_hidden_layers=llm_layers,
@@ -184,13 +190,13 @@ class UMM2(Captioner, nn.Module):
                              max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
             vision_config=dict(hidden_size=vision_hidden, num_hidden_layers=vision_layers,
-                               num_attention_heads=max(1, vision_hidden // 32), image_size=size, patch_size=vision_patch,
-                               mlp_ratio=2.0, projection_dim=llm_hidden, num_image_tokens=(size // vision_patch) ** 2),
-            vq_config=dict(embed_dim=code_dim, num_embeddings=codebook_size, base_channels=vq_channels,
-                           latent_channels=vq_channels, channel_multiplier=[1] * vq_levels, num_res_blocks=1,
-                           projection_dim=llm_hidden, image_token_embed_dim=llm_hidden),
+                               num_attention_heads=max(1, vision_hidden // 32), image_size=size, patch_size=patch,
+                               mlp_ratio=2.0, projection_dim=llm_hidden, num_image_tokens=(size // patch) ** 2),
+            vq_config=vq.config.to_dict() | dict(projection_dim=llm_hidden, image_token_embed_dim=llm_hidden),
             image_token_id=tok.convert_tokens_to_ids(tok.image_token))
-        return cls(JanusForConditionalGeneration(config), processor, caption_prompt, max_caption_tokens)
+        llm = JanusForConditionalGeneration(config)
+        llm.model.vqmodel.load_state_dict(vq.state_dict())
+        return cls(llm, processor, caption_prompt, max_caption_tokens)
 
     @classmethod
     def from_pretrained(cls, janus_dir: str, dtype=torch.bfloat16, caption_prompt=PAPER_CAPTION_PROMPT,
@@ -352,10 +358,15 @@ class UMM2(Captioner, nn.Module):
         ids, mask = prompt["input_ids"], prompt["attention_mask"]
         if cfg_scale == 1.0:
             return ids, mask
+        return torch.cat([ids, self.unconditional(ids)]), torch.cat([mask, mask])
+
+    def unconditional(self, ids: torch.Tensor) -> torch.Tensor:
+        """T2I prompt ids with every token but bos and <begin_of_image> replaced by pad: Janus's unconditional
+        prompt, which guidance reads and caption dropout trains (pretrain_umm2.py)."""
         keep = ids == self.boi_token_id
         if self.tokenizer.bos_token_id is not None:
             keep |= ids == self.tokenizer.bos_token_id
-        return torch.cat([ids, torch.where(keep, ids, self.tokenizer.pad_token_id)]), torch.cat([mask, mask])
+        return torch.where(keep, ids, self.tokenizer.pad_token_id)
 
     def _image_log_probs(self, hidden: torch.Tensor, cfg_scale: float, temperature: float) -> torch.Tensor:
         """States of the guided rows (2N, T, h) or N rows -> (N, T, V) fp32 log-probs of the distribution tokens
@@ -424,21 +435,12 @@ class UMM2(Captioner, nn.Module):
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """VQ tokens (B, M) -> images in [0, 1], float (B, 3, H, W), through the VQ decoder."""
-        x = self.llm.model.vqmodel.decode(tokens)
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        return vq_decode(self.llm.model.vqmodel, tokens)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (or uint8), image_size square -> VQ tokens (B, M): the nearest codebook entry on the
-        unit sphere, as Janus's VQ (LlamaGen's, codebook_l2_norm) was trained and as decode_tokens reads it
-        (transformers' encode compares unnormalised vectors instead)."""
-        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"images of {tuple(x.shape[-2:])} pixels; the VQ tokenizer reads {self.image_size}x{self.image_size}")
-        vq = self.llm.model.vqmodel
-        z = vq.quant_conv(vq.encoder((2 * x - 1).to(self.device, vq.dtype)))
-        z = F.normalize(z.float().flatten(2).transpose(1, 2), dim=-1)  # (B, M, d), raster order
-        return (z @ F.normalize(vq.quantize.embedding.weight.float(), dim=-1).T).argmax(-1)
+        """Images in [0, 1] (or uint8), image_size square -> VQ tokens (B, M) (vq_encode)."""
+        return vq_encode(self.llm.model.vqmodel, images)
 
     @torch.no_grad()
     def generate(self, texts: list[str], cfg_scale: float = 5.0, temperature: float = 1.0, generator=None,
@@ -448,3 +450,91 @@ class UMM2(Captioner, nn.Module):
             return torch.cat([self.generate(texts[i:i + batch_size], cfg_scale, temperature, generator)
                               for i in range(0, len(texts), batch_size)])
         return self.decode_tokens(self.draw(texts, 1, cfg_scale, temperature, generator, check=False).tokens)
+
+
+# ----------------------------------------------------------------------------- the VQ image tokenizer
+
+def vq_factor(config) -> int:
+    """Pixels per token side of a JanusVQVAE config: one 2x downsampling between consecutive levels."""
+    return 2 ** (len(config.channel_multiplier) - 1)
+
+
+def build_vq(image_size: int, codebook_size: int = 1024, code_dim: int = 8, channels: int = 32, levels: int = 4,
+             res_blocks: int = 0):
+    """A fresh Janus VQ tokenizer (JanusVQVAE: LlamaGen's layout) for image_size-px images: `levels`
+    resolutions, so one token per 2 ** (levels - 1) px square (shapes world: 48 px, 4 levels, a 6x6 grid;
+    pretrain_vq.py), codebook_size codes of code_dim, `channels` wide at every level (GroupNorm of 32 groups: a
+    multiple of 32), res_blocks ResNet blocks per encoder level (the decoder has one more)."""
+    from transformers import JanusVQVAE, JanusVQVAEConfig
+    factor = 2 ** (levels - 1)
+    if image_size % factor:
+        raise ValueError(f"image_size={image_size} is not a multiple of the VQ's downsampling {factor} (levels={levels})")
+    return JanusVQVAE(JanusVQVAEConfig(embed_dim=code_dim, num_embeddings=codebook_size, base_channels=channels,
+                                       latent_channels=channels, channel_multiplier=[1] * levels,
+                                       num_res_blocks=res_blocks, num_patches=image_size // factor))
+
+
+def load_vq(directory: str):
+    """pretrain_vq.py's tokenizer: <directory>/vq, a JanusVQVAE in the transformers layout."""
+    from transformers import JanusVQVAE
+    path = os.path.join(directory, "vq")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}/config.json missing: run pretrain_vq.py --out_dir={directory} first")
+    return JanusVQVAE.from_pretrained(path, dtype=torch.float32)
+
+
+def vq_latents(vq, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> (B, M, d) encoder outputs on the unit sphere, raster order."""
+    z = vq.quant_conv(vq.encoder(images.to(vq.device, vq.dtype)))
+    return F.normalize(z.float().flatten(2).transpose(1, 2), dim=-1)
+
+
+def vq_codebook(vq) -> torch.Tensor:
+    """(K, d) codebook on the unit sphere: Janus's VQ (LlamaGen's, codebook_l2_norm) is trained and decodes
+    with l2-normalised codes (transformers' encode compares unnormalised vectors instead)."""
+    return F.normalize(vq.quantize.embedding.weight.float(), dim=-1)
+
+
+def vq_pixels(vq, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (or uint8) -> [-1, 1], checked against the tokenizer's size."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    size = vq.config.num_patches * vq_factor(vq.config)
+    if x.shape[-2:] != (size, size):
+        raise ValueError(f"images of {tuple(x.shape[-2:])} pixels; the VQ tokenizer reads {size}x{size}")
+    return 2 * x - 1
+
+
+@torch.no_grad()
+def vq_encode(vq, images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (or uint8) -> VQ tokens (B, M): the nearest code on the unit sphere."""
+    return (vq_latents(vq, vq_pixels(vq, images)) @ vq_codebook(vq).T).argmax(-1)
+
+
+def vq_decode(vq, tokens: torch.Tensor) -> torch.Tensor:
+    """VQ tokens (B, M) -> images in [0, 1], float (B, 3, H, W) (Janus's decode: normalised codes)."""
+    return ((vq.decode(tokens).float() + 1) / 2).clamp(0, 1)
+
+
+@dataclass
+class VQOutput:
+    reconstruction: torch.Tensor  # (B, 3, H, W) in [-1, 1] (unclamped), what vq_decode(tokens) draws
+    tokens: torch.Tensor  # (B, M) codes chosen
+    latents: torch.Tensor  # (B, M, d) the encoder's outputs on the unit sphere (dead-code restarts draw from them)
+    codebook_loss: torch.Tensor  # mean |sg(z) - e|^2: moves the codes towards the encoder's outputs
+    commitment_loss: torch.Tensor  # mean |z - sg(e)|^2: keeps the encoder near its codes (VQ-VAE's beta term)
+
+
+def vq_autoencode(vq, images: torch.Tensor) -> VQOutput:
+    """The training forward transformers' JanusVQVAE.forward does not give (it decodes from the indices, so
+    no gradient reaches the encoder): quantise to the nearest unit-sphere code e and decode the
+    straight-through z + sg(e - z), whose value is e and whose gradient reaches z (VQ-VAE, van den Oord et
+    al. 2017, eq. 3; LlamaGen's l2-normalised codes). images: (B, 3, H, W) in [0, 1] or uint8."""
+    z = vq_latents(vq, vq_pixels(vq, images))
+    codes = vq_codebook(vq)
+    tokens = (z.detach() @ codes.T).argmax(-1)
+    e = codes[tokens]
+    straight = z + (e - z).detach()
+    side = vq.config.num_patches
+    grid = straight.transpose(1, 2).reshape(len(z), -1, side, side).to(vq.dtype)
+    return VQOutput(vq.decoder(vq.post_quant_conv(grid)).float(), tokens, z,
+                    F.mse_loss(e, z.detach()), F.mse_loss(z, e.detach()))
