@@ -102,6 +102,32 @@ def projector_mlp(llm_hidden: int, hidden: int, joint_dim: int) -> nn.Sequential
     return nn.Sequential(nn.Linear(llm_hidden, hidden), nn.GELU(), nn.Linear(hidden, joint_dim))
 
 
+def pack_vision_attention(llm) -> None:
+    """Make the Qwen2.5-VL vision tower attend over all images of a batch in one call. transformers runs
+    its sdpa/eager vision attention once per image (a Python loop over cu_seqlens): at the shapes scale,
+    64 images x 3 layers = 192 tiny attention calls per step, and the vision tower took 72% of the
+    encoder's forward + backward. When every image has the same number of patches (always, after
+    resizing to image_size), the images stack into one batch; otherwise, or under flash attention
+    (which packs natively), the library's own forward runs. Same maths: a test checks the outputs."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q
+
+    class PackedVisionAttention(q.Qwen2_5_VLVisionAttention):
+        def forward(self, hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            if "flash" in (self.config._attn_implementation or "") or bool(lengths.min() != lengths.max()):
+                return super().forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+            seq, images = hidden_states.shape[0], len(lengths)
+            q_, k, v = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q_, k = q.apply_rotary_pos_emb_vision(q_, k, *position_embeddings)
+            q_, k, v = (t.reshape(images, seq // images, self.num_heads, -1).transpose(1, 2) for t in (q_, k, v))
+            out = torch.nn.functional.scaled_dot_product_attention(q_, k, v, scale=self.scaling)
+            return self.proj(out.transpose(1, 2).reshape(seq, -1))
+
+    for block in llm.model.visual.blocks:
+        if type(block.attn) is q.Qwen2_5_VLVisionAttention:
+            block.attn.__class__ = PackedVisionAttention
+
+
 class Captioner:
     """The I2T side both architectures share (UAE here, UMM2 in umm2.py): the caption prompt's processor
     inputs, the completion mask and the count of captions the length cap stopped. A subclass has processor,
@@ -164,6 +190,7 @@ class UAE(Captioner, nn.Module):
         super().__init__()
         self.llm, self.processor, self.transformer, self.vae, self.scheduler = llm, processor, transformer, vae, scheduler
         self.tokenizer = processor.tokenizer
+        pack_vision_attention(llm)
         h, d = llm.config.text_config.hidden_size, transformer.config.joint_attention_dim
         self.projector = projector_mlp(h, projector_hidden, d)
         self.text_positions = None  # optional learned embedding of each text token's index (replace_decoder)
@@ -526,6 +553,8 @@ class UAE(Captioner, nn.Module):
         """LLM hidden states (B, T, h) of generate-role turns -> DiT encoder_hidden_states (B, T, joint_attention_dim).
         Caption tokens are standardised (text_shift / text_scale); pads, exact zeros (text_hidden_states),
         stay zero, so the projector sees only their position."""
+        if not torch.is_autocast_enabled(hidden.device.type):  # an fp32 run fed states stored in bf16 (pretrain_decoder's cache)
+            hidden = hidden.to(self.projector[0].weight.dtype)
         is_text = caption_tokens(hidden).unsqueeze(-1)
         hidden = torch.where(is_text, (hidden - self.text_shift.to(hidden.dtype)) * self.text_scale.to(hidden.dtype), 0)
         if self.text_positions is not None:  # called, not indexed: a sharded table (FSDP) gathers in its forward

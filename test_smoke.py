@@ -796,6 +796,31 @@ def test_caption_samples_from_the_distribution_it_scores(tiny_uae):
         assert m.sum() == (eos[0, 0] + 1 if len(eos) else len(row))
 
 
+def test_packed_vision_attention_is_the_librarys(tiny_uae):
+    """model.pack_vision_attention: one batched attention call over equal-length images gives the outputs and
+    gradients of transformers' per-image loop; unequal lengths take the library's own path."""
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as q
+    attn = tiny_uae.llm.model.visual.blocks[0].attn
+    assert type(attn) is not q.Qwen2_5_VLVisionAttention and isinstance(attn, q.Qwen2_5_VLVisionAttention)
+    packed = type(attn)
+    torch.manual_seed(0)
+    for lengths in ([4, 4, 4], [4, 6, 2]):
+        x = torch.randn(sum(lengths), attn.dim, requires_grad=True)
+        cos, sin = torch.randn(2, sum(lengths), attn.head_dim)
+        cu = torch.tensor([0] + lengths).cumsum(0).int()
+        outs = []
+        for cls in (packed, q.Qwen2_5_VLVisionAttention):
+            attn.__class__ = cls
+            x.grad = None
+            y = attn(x, cu, position_embeddings=(cos, sin))
+            (y * torch.arange(y.numel()).reshape(y.shape).sin()).sum().backward()
+            outs.append((y.detach(), x.grad.clone()))
+        attn.__class__ = packed
+        torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-6, rtol=1e-5)
+        assert outs[0][0].abs().max() > 0.01  # not a trivially zero output
+
+
 def test_caption_cap_is_the_decoders_window(tiny_uae):
     window = tiny_uae.max_text_tokens - tiny_uae.generate_prefix_tokens() - 1  # 24 - "<|im_start|>generate\n" - "<|im_end|>"
     assert window == 21 and tiny_uae.caption_cap(0) == window and tiny_uae.caption_cap(5) == 5
@@ -1072,6 +1097,17 @@ def test_pretrain_decoder_loss_drops(tiny_world, capsys, tmp_path):
     meta = json.loads((tmp_path / "dec" / "model.json").read_text())
     assert meta["parts"]["transformer"] == "transformer" and os.path.isabs(meta["parts"]["llm"])
     assert loaded.transformer.config.num_layers == 1 and loaded.scheduler.config.shift == pretrain_decoder.config["timestep_shift"]  # the decoder's own schedule
+
+
+def test_pretrain_decoder_in_float32_reads_its_bf16_feature_cache(tiny_world, capsys, tmp_path):
+    """dtype=float32 (auto on a GPU without bf16): the cached text states are stored in bf16 and the
+    projector is fp32 without autocast; training and the text-reliance probe must still run."""
+    import pretrain_decoder
+    pretrain_decoder.main([f"--data_dir={tiny_world}", f"--init_from={tiny_world / 'enc'}", f"--out_dir={tmp_path / 'dec'}",
+                           "--max_steps=2", "--eval_interval=2", "--save_interval=2", f"--vae_dir={tiny_world / 'vae'}",
+                           "--dtype=float32"] + TINY_DECODER)
+    out = capsys.readouterr().out
+    assert "eval step 2 overall" in out and " text_reliance " in out
 
 
 def test_two_process_gloo_run(tiny_world, tmp_path):
