@@ -155,6 +155,49 @@ class Captioner:
         cap = self.caption_cap(max_new_tokens)
         return sum(len(ids) >= cap for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"])
 
+    def unknown_words(self, texts: list[str]) -> list[list[str]]:
+        """Per text, the words its tokenizer can only map to the unknown token (the shapes world's word-level
+        tokenizer has one; a byte-level BPE never needs it): they would reach the model as [UNK]."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not texts:
+            return [[] for _ in texts]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [[text[a:b] for i, (a, b) in zip(ids, spans) if i == unk and text[a:b] != self.tokenizer.unk_token]
+                for text, ids, spans in zip(texts, enc["input_ids"], enc["offset_mapping"])]
+
+    def known_words(self) -> str:
+        """The vocabulary in an error message: listed when it is a small world's, else its size."""
+        vocab = self.tokenizer.get_vocab()
+        if len(vocab) > 200:
+            return f"{len(vocab)} tokens"
+        special = set(self.tokenizer.all_special_tokens)
+        return ", ".join(sorted(w for w in vocab if w not in special))
+
+    def check_texts(self, records: list[dict], field: str, window: bool = True) -> list[str]:
+        """The `field` text of every record (training targets, or captions the decoder is asked to draw), each
+        checked before any work: missing or empty, with words the tokenizer does not know (never a silent
+        [UNK]) or, with `window`, longer than the decoder's text window, it is an error naming the first
+        such record's file:line and how many there are. The window is the UAE decoder's (turn_lengths,
+        max_text_tokens): other models check with window=False."""
+        def fail(bad: list[int], problem: str):
+            raise DataError(f"{records[bad[0]]['where']}: \"{field}\" {problem} ({len(bad)} such line(s) in all)")
+        empty = [i for i, r in enumerate(records) if not (isinstance(r.get(field), str) and r[field].strip())]
+        if empty:
+            fail(empty, "is missing or empty")
+        texts = [r[field] for r in records]
+        unknown = self.unknown_words(texts)
+        bad = [i for i, words in enumerate(unknown) if words]
+        if bad:
+            fail(bad, f"has words the tokenizer does not know: {', '.join(map(repr, unknown[bad[0]]))}; the model "
+                      f"would read them as {self.tokenizer.unk_token}. Known words: {self.known_words()}")
+        if window:
+            lengths = self.turn_lengths(texts)
+            bad = [i for i, n in enumerate(lengths) if n > self.max_text_tokens]
+            if bad:
+                fail(bad, f"takes {lengths[bad[0]]} tokens, more than the decoder's window of max_text_tokens="
+                          f"{self.max_text_tokens}")
+        return texts
+
 
 def caption_ids(model: Captioner, texts: list[str]) -> torch.Tensor:
     """Assistant-turn targets: caption + the closing eos (<|im_end|>), right-padded with the pad token."""
@@ -447,48 +490,6 @@ class UAE(Captioner, nn.Module):
     def turn_lengths(self, texts: list[str]) -> list[int]:
         """Tokens of each caption's generate-role turn: what must fit max_text_tokens."""
         return [len(ids) for ids in self.tokenizer(self.generate_turns(texts))["input_ids"]]
-
-    def unknown_words(self, texts: list[str]) -> list[list[str]]:
-        """Per text, the words its tokenizer can only map to the unknown token (the shapes world's word-level
-        tokenizer has one; a byte-level BPE never needs it): they would reach the model as [UNK]."""
-        unk = self.tokenizer.unk_token_id
-        if unk is None or not texts:
-            return [[] for _ in texts]
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [[text[a:b] for i, (a, b) in zip(ids, spans) if i == unk and text[a:b] != self.tokenizer.unk_token]
-                for text, ids, spans in zip(texts, enc["input_ids"], enc["offset_mapping"])]
-
-    def known_words(self) -> str:
-        """The vocabulary in an error message: listed when it is a small world's, else its size."""
-        vocab = self.tokenizer.get_vocab()
-        if len(vocab) > 200:
-            return f"{len(vocab)} tokens"
-        special = set(self.tokenizer.all_special_tokens)
-        return ", ".join(sorted(w for w in vocab if w not in special))
-
-    def check_texts(self, records: list[dict], field: str, window: bool = True) -> list[str]:
-        """The `field` text of every record (training targets, or captions the decoder is asked to draw), each
-        checked before any work: missing or empty, with words the tokenizer does not know (never a silent
-        [UNK]) or, with `window`, longer than the decoder's text window, it is an error naming the first
-        such record's file:line and how many there are."""
-        def fail(bad: list[int], problem: str):
-            raise DataError(f"{records[bad[0]]['where']}: \"{field}\" {problem} ({len(bad)} such line(s) in all)")
-        empty = [i for i, r in enumerate(records) if not (isinstance(r.get(field), str) and r[field].strip())]
-        if empty:
-            fail(empty, "is missing or empty")
-        texts = [r[field] for r in records]
-        unknown = self.unknown_words(texts)
-        bad = [i for i, words in enumerate(unknown) if words]
-        if bad:
-            fail(bad, f"has words the tokenizer does not know: {', '.join(map(repr, unknown[bad[0]]))}; the model "
-                      f"would read them as {self.tokenizer.unk_token}. Known words: {self.known_words()}")
-        if window:
-            lengths = self.turn_lengths(texts)
-            bad = [i for i, n in enumerate(lengths) if n > self.max_text_tokens]
-            if bad:
-                fail(bad, f"takes {lengths[bad[0]]} tokens, more than the decoder's window of max_text_tokens="
-                          f"{self.max_text_tokens}")
-        return texts
 
     def text_tokens(self, texts: list[str], allow_cut: bool = False) -> dict:
         """The generate-role chat turns holding the captions, right-padded to max_text_tokens (fixed, like

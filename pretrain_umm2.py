@@ -151,23 +151,20 @@ def main(argv=None):
         return
     local_batch = rt.per_rank(cfg.batch_size, "batch_size")
     n_t2i = round(local_batch * cfg.t2i_share)
-    # ---- data (every line checked before any model is built)
+    # ---- data (lines and scenes checked before any model is built; caption texts against its tokenizer right after)
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"))
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     mix = caption_mix(cfg.captions)
-    for r in train:
-        for field in {cfg.caption_field} | set(mix):
-            if not (isinstance(r.get(field), str) and r[field].strip()):
-                raise DataError(f"{r['where']}: missing or empty \"{field}\"")
     train_scenes = shapes.scenes_of(train)
     if cfg.grounding > 0 and train_scenes is None:
         raise DataError(f"grounding={cfg.grounding} needs a \"scene\" on every line of {cfg.data_dir}/train.jsonl (shapes world); use --grounding=0")
-    targets = [r[cfg.caption_field] for r in train]
     # ---- model
     model = (umm2.UMM2.load(cfg.out_dir) if state is not None else build_model(cfg)).to(rt.device).train()
     params = [p for p in model.llm.parameters() if p.requires_grad]  # all but the frozen VQ tokenizer
     rt.print(f"umm2: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (Janus architecture), "
              f"{model.image_tokens} image tokens of {model.image_size}-px images")
+    targets = model.check_texts(train, cfg.caption_field, window=False)  # present, and no word the tokenizer lacks
+    captions = {field: model.check_texts(train, field, window=False) for field in mix}
     broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
@@ -182,7 +179,6 @@ def main(argv=None):
     t0 = time.time()
     tokens = image_tokens(model, train_images)
     rt.print(f"cached {tuple(tokens.shape)} image tokens in {time.time() - t0:.0f}s")
-    captions = {field: [r[field] for r in train] for field in mix}
     weights = torch.tensor(list(mix.values()))
     val_images, val_scenes = load_images(val), shapes.scenes_of(val)
     eval_gen = torch.Generator(device=rt.device)

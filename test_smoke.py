@@ -1565,6 +1565,21 @@ def test_pretrain_umm2_trains_both_directions_around_the_tokenizer_and_resumes_b
     assert [k for k in whole if not torch.equal(whole[k], cut[k])] == []
 
 
+
+def test_pretrain_umm2_refuses_a_caption_word_its_tokenizer_lacks(tiny_world, tiny_vq, tmp_path):
+    """Training targets go through Captioner.check_texts, as pretrain_encoder's do: an unknown word is an error
+    naming file:line, never a silent [UNK]."""
+    import shutil
+    import pretrain_umm2
+    data = tmp_path / "data"
+    shutil.copytree(tiny_world, data, ignore=shutil.ignore_patterns("enc", "dec*", "vae"))
+    rows = (data / "train.jsonl").read_text().splitlines()
+    bad = json.loads(rows[1])
+    bad["partial_caption"] = "a zorble circle."
+    (data / "train.jsonl").write_text("\n".join([rows[0], json.dumps(bad)] + rows[2:]) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: \"partial_caption\" has words the tokenizer does not know: 'zorble'"):
+        pretrain_umm2.main([f"--data_dir={data}", f"--vq_dir={tiny_vq}", "--max_steps=1", f"--out_dir={tmp_path / 'u'}"] + TINY_UMM2)
+
 # ----------------------------------------------------------------------------- paper scale: loading real layouts
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
