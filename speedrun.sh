@@ -3,19 +3,21 @@
 # on every stage, ending with one table (out/speedrun/results.md and results.json).
 #
 #   bash speedrun.sh                 # training stages under torchrun: one process per GPU (CPU: see below)
-#   NPROC=1 DECODER_NPROC=1 bash speedrun.sh   # plain python
+#   NPROC=1 bash speedrun.sh       # plain python for every stage
 #
 # Re-running skips stages whose checkpoints are complete; an interrupted run continues where it
 # stopped (every stage resumes from its last checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")"
-# On the 2-core CPU (torchrun gives each process one thread), measured per step: pretrain_encoder 0.32 s
-# in 2 processes vs 0.48 s in one 2-thread process, but pretrain_decoder 0.28 s vs 0.21 s (its matmuls
-# use both threads well, and the all-reduce costs more than the Python overhead it hides; compiled,
-# one process now takes 0.09 s).
+# On the 2-core CPU (torchrun gives each process one thread), measured per step: pretrain_encoder 0.19 s in
+# one 2-thread process vs 0.22 s in two 1-thread ones (its vision attention runs as one batched call,
+# model.pack_vision_attention), pretrain_decoder 0.09 s compiled in one process (its matmuls use both threads
+# well and the all-reduce costs more than the Python overhead it hides). The RL stages run in NPROC processes
+# (two here), as their defaults were measured.
 GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
 NPROC="${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || python -c 'import os; print(min(2, os.cpu_count()))')}"
-DECODER_NPROC="${DECODER_NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}"
+ENCODER_NPROC="${ENCODER_NPROC:-$([ "$GPUS" -gt 0 ] && echo "$NPROC" || echo 1)}"
+DECODER_NPROC="${DECODER_NPROC:-$([ "$GPUS" -gt 0 ] && echo "$NPROC" || echo 1)}"
 OUT=out/speedrun
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -34,7 +36,7 @@ stamp "prepare: the shapes world, its tokenizer and reward CLIP"
 stamp "the world's VAE"
 [ -f data/shapes/vae/config.json ] || python data/shapes/train_vae.py
 stamp "pretrain_encoder (base captioner, short captions)"
-run $NPROC pretrain_encoder.py --out_dir=$OUT/pretrain_encoder
+run $ENCODER_NPROC pretrain_encoder.py --out_dir=$OUT/pretrain_encoder
 stamp "pretrain_decoder (long captions)"
 run $DECODER_NPROC pretrain_decoder.py --init_from=$OUT/pretrain_encoder --out_dir=$OUT/pretrain_decoder
 stamp "cold_start"
