@@ -31,7 +31,7 @@ import shapes
 import umm2
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, checkpoint_rule, end_run, folder_rule, lr_at,
-    NonFiniteGuard, RULES, save_checkpoint, set_rng_state, start_run)
+    NonFiniteGuard, RESUME_REMEDY, RULES, save_checkpoint, set_rng_state, start_run)
 from configurator import at_least, between, configure, must, only_if, parses
 from data import caption_mix, DataError, load_images, read_jsonl
 from model import caption_loss
@@ -159,7 +159,7 @@ def main(argv=None):
     if cfg.grounding > 0 and train_scenes is None:
         raise DataError(f"grounding={cfg.grounding} needs a \"scene\" on every line of {cfg.data_dir}/train.jsonl (shapes world); use --grounding=0")
     # ---- model
-    model = (umm2.UMM2.load(cfg.out_dir) if state is not None else build_model(cfg)).to(rt.device).train()
+    model = (umm2.UMM2.load(cfg.out_dir, remedy=RESUME_REMEDY) if state is not None else build_model(cfg)).to(rt.device).train()
     params = [p for p in model.llm.parameters() if p.requires_grad]  # all but the frozen VQ tokenizer
     rt.print(f"umm2: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters (Janus architecture), "
              f"{model.image_tokens} image tokens of {model.image_size}-px images")

@@ -32,7 +32,7 @@ import shapes
 import umm2
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, lr_at, NonFiniteGuard, RULES,
-    save_checkpoint, set_rng_state, start_run)
+    RESUME_REMEDY, save_checkpoint, set_rng_state, start_run)
 from configurator import above, at_least, configure, must
 from data import load_images, read_jsonl
 
@@ -136,7 +136,7 @@ def main(argv=None):
     val_scenes = shapes.scenes_of(val)
     # ---- model
     if state is not None:
-        vq = umm2.load_vq(cfg.out_dir)
+        vq = umm2.load_vq(cfg.out_dir, remedy=RESUME_REMEDY)
     else:
         vq = umm2.build_vq(train_images.shape[-1], cfg.codebook_size, cfg.code_dim, cfg.channels, cfg.levels, cfg.res_blocks)
     vq.to(rt.device).train()

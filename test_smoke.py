@@ -3339,6 +3339,27 @@ def test_damaged_checkpoints_name_the_file_and_what_to_do(tiny_world, tmp_path):
                                f"--out_dir={enc}", "--max_steps=7", "--log_interval=3", "--eval_interval=6", "--save_interval=6"] + TINY_ENCODER)
 
 
+def test_damaged_umm2_checkpoints_name_the_file_and_what_to_do(tiny_umm2, tiny_vq, tmp_path):
+    """UMM2.load and load_vq name a cut or unparsable file with the remedy, as UAE.load does."""
+    import shutil
+    tiny_umm2.save(str(tmp_path / "m"))
+    shutil.copytree(tiny_vq, tmp_path / "v")
+    rerun = "the checkpoint is damaged; re-run the stage that wrote it"
+    for path, load in ((tmp_path / "m" / "llm" / "model.safetensors", lambda: umm2.UMM2.load(str(tmp_path / "m"))),
+                       (tmp_path / "m" / "processor" / "tokenizer_config.json", lambda: umm2.UMM2.load(str(tmp_path / "m"))),
+                       (tmp_path / "v" / "vq" / "model.safetensors", lambda: umm2.load_vq(str(tmp_path / "v")))):
+        good = _cut(path)
+        with pytest.raises(common.CheckpointError, match=re.escape(f"{path} cannot be read (") + ".*" + re.escape(rerun)):
+            load()
+        path.write_bytes(good)
+    (tmp_path / "m" / "model.json").write_text(json.dumps({"architecture": "UMM2", "parts": {}}))
+    with pytest.raises(common.CheckpointError, match="has no 'caption_prompt'"):
+        umm2.UMM2.load(str(tmp_path / "m"))
+    _cut(tmp_path / "v" / "vq" / "model.safetensors")
+    with pytest.raises(common.CheckpointError, match=r"--resume=False or another out_dir"):
+        umm2.load_vq(str(tmp_path / "v"), remedy=common.RESUME_REMEDY)
+
+
 def test_kill_resume_script_one_kill(tiny_world, tmp_path):
     """tools/kill_resume.py, the issue-27 check, on one stage with one SIGKILL: the killed run's state loads and
     the rerun ends bit-identical to the uninterrupted run (the full 5 stages x 10 kills: its docstring)."""

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import SOURCE_REMEDY, check_files, reading
 from lora import inject_lora, lora_layers
 from model import PAPER_CAPTION_PROMPT, Captioner, Captions, merge_adapters, read_parts, save_parts
 
@@ -220,13 +221,16 @@ class UMM2(Captioner, nn.Module):
                        "caption_prompt": self.caption_prompt, "max_caption_tokens": self.max_caption_tokens}, f, indent=1)
 
     @classmethod
-    def load(cls, directory: str, dtype=torch.float32):
-        """A checkpoint written by save(); adapters arrive merged into the LLM."""
+    def load(cls, directory: str, dtype=torch.float32, remedy: str = SOURCE_REMEDY):
+        """A checkpoint written by save(); adapters arrive merged into the LLM. A damaged file is an error
+        naming it with `remedy` (a resumed run's own checkpoint: common.RESUME_REMEDY), as UAE.load."""
         from transformers import AutoProcessor, JanusForConditionalGeneration
-        meta, paths = read_parts(directory, "UMM2", cls.PARTS)
-        llm = JanusForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
-        model = cls(llm, AutoProcessor.from_pretrained(paths["processor"]), meta["caption_prompt"],
-                    meta["max_caption_tokens"], paths)
+        meta, paths = read_parts(directory, "UMM2", cls.PARTS, remedy, ("caption_prompt", "max_caption_tokens"))
+        with reading(paths["llm"], remedy):  # what check_files cannot see (a config that does not fit its weights)
+            llm = JanusForConditionalGeneration.from_pretrained(paths["llm"], dtype=dtype)
+        with reading(paths["processor"], remedy):
+            processor = AutoProcessor.from_pretrained(paths["processor"])
+        model = cls(llm, processor, meta["caption_prompt"], meta["max_caption_tokens"], paths)
         merge_adapters(model, meta, directory)
         return model
 
@@ -474,13 +478,16 @@ def build_vq(image_size: int, codebook_size: int = 1024, code_dim: int = 8, chan
                                        num_res_blocks=res_blocks, num_patches=image_size // factor))
 
 
-def load_vq(directory: str):
-    """pretrain_vq.py's tokenizer: <directory>/vq, a JanusVQVAE in the transformers layout."""
+def load_vq(directory: str, remedy: str = SOURCE_REMEDY):
+    """pretrain_vq.py's tokenizer: <directory>/vq, a JanusVQVAE in the transformers layout; a damaged file is
+    an error naming it with `remedy`."""
     from transformers import JanusVQVAE
     path = os.path.join(directory, "vq")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}/config.json missing: run pretrain_vq.py --out_dir={directory} first")
-    return JanusVQVAE.from_pretrained(path, dtype=torch.float32)
+    check_files(path, remedy)
+    with reading(path, remedy):
+        return JanusVQVAE.from_pretrained(path, dtype=torch.float32)
 
 
 def vq_latents(vq, images: torch.Tensor) -> torch.Tensor:
