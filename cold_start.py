@@ -23,7 +23,9 @@ Memory (paper scale, plan.py): the backward goes through every sampler step, the
 backbone, so a step runs in micro-batches of images (micro_batch), each with its captions, its share of the
 sampler's noise and of the anchor texts, backpropagated alone (the gradients add up to the whole batch's);
 grad_checkpointing recomputes each DiT block in the backward instead of keeping its activations for all
-sample_steps (and each block of the VAE decoder); weights_dtype loads the frozen LLM and VAE in bf16 while the trained decoder stays fp32.
+sample_steps (and each block of the VAE decoder, and each LLM decoder layer of the three passes with
+gradients: the log-probs, the captions' conditioning, the anchor); weights_dtype loads the frozen LLM and
+VAE in bf16 while the trained decoder stays fp32.
 
     python cold_start.py
     torchrun --standalone --nproc_per_node=2 cold_start.py
@@ -61,7 +63,7 @@ config = dict(
     max_steps=60,  # optimizer steps
     batch_size=16,  # global batch (split over ranks)
     micro_batch=0,  # images per forward/backward on a rank (0 = the rank's whole batch); gradients accumulate to the batch's (paper: memory)
-    grad_checkpointing=False,  # recompute each DiT block (through every sampler step) and each VAE decoder block in the backward instead of keeping their activations (paper scale)
+    grad_checkpointing=False,  # recompute each DiT block (through every sampler step), each VAE decoder block and each LLM decoder layer in the backward instead of keeping their activations (paper scale)
     sample_steps=4,  # steps of the differentiable sampler (released code: 10)
     temperature=0.7,  # sampling temperature of the captions read back
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
@@ -135,6 +137,17 @@ def backward(model, rt, backbone, captions: M.Captions, source, anchor_texts, re
     return totals
 
 
+def checkpoint_activations(model):
+    """grad_checkpointing: the blocks of every trained or backpropagated-through network keep only their
+    inputs, and the backward recomputes them one at a time: the DiT's at each of the differentiable
+    sampler's sample_steps calls, the VAE decoder's (the 1024^2 decode with gradients: ~19 GB an image kept,
+    ~10 recomputed) and the LoRA'd LLM's layers in its three passes with gradients (log-probs, the captions'
+    conditioning, the anchor; model.checkpoint_llm_layers)."""
+    model.transformer.enable_gradient_checkpointing()
+    model.vae.enable_gradient_checkpointing()
+    M.checkpoint_llm_layers(model.llm)
+
+
 def main(argv=None):
     cfg = configure(config, argv, rules)
     rt, state = start_run(cfg)
@@ -153,9 +166,8 @@ def main(argv=None):
     for p in decoder_params:
         p.requires_grad_(True)
     broadcast_from_master(lora + decoder_params)  # one model on every rank (per-rank seeds drew the random inits)
-    if cfg.grad_checkpointing:  # the differentiable sampler calls the DiT sample_steps times: each call's blocks
-        model.transformer.enable_gradient_checkpointing()
-        model.vae.enable_gradient_checkpointing()  # the 1024^2 decode with grad: ~19 GB an image kept, ~10 recomputed
+    if cfg.grad_checkpointing:
+        checkpoint_activations(model)
     if cfg.fsdp:
         shard(decoder, rt.dtype)
         decoder_params = [p for m in decoder for p in m.parameters()]

@@ -11,7 +11,9 @@ rose; with anchor_weight 1 it ended at 0.38 (relative drift 0.002).
 
 Memory (paper scale, plan.py): micro_batch sets how many captions go through one forward/backward in the
 update, each with its share of the drift anchor (backpropagated with it, so the anchor's activations are
-bounded by a micro-batch too), and how many the frozen decoder draws at once in the rollout.
+bounded by a micro-batch too), and how many the frozen decoder draws at once in the rollout;
+grad_checkpointing recomputes each LLM decoder layer in the update's backward, so a micro-batch keeps only
+the layers' inputs instead of every layer's activations (model.checkpoint_llm_layers).
 
     python grpo_encoder.py
     torchrun --standalone --nproc_per_node=2 grpo_encoder.py
@@ -63,6 +65,7 @@ config = dict(
     group_size=8,  # G captions per image
     temperature=0.7,  # caption sampling temperature (the paper's); log-probs use the same
     micro_batch=0,  # captions per forward/backward in the update (with their share of the drift anchor) and per decoder pass in the rollout (0 = the rank's all; paper: memory)
+    grad_checkpointing=False,  # recompute each LLM decoder layer in the update's backward instead of keeping its activations (paper scale; the frozen decoder runs without gradients)
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     decode_steps=10,  # Euler steps of the frozen decoder
     cfg_scale=1.0,  # guidance of the frozen decoder's reward renders (val: 1.0 scored +2.8 Unified-Score over 1.25 at 25% less time per step; RESULTS.md)
@@ -187,6 +190,8 @@ def main(argv=None):
     if cfg.compile:
         model.compile_decoder()
     params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    if cfg.grad_checkpointing:
+        M.checkpoint_llm_layers(model.llm)  # acts in policy_step's backward (training mode, gradients on)
     broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step, history = 0, []

@@ -31,6 +31,26 @@ DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_pro
 PAPER_CAPTION_PROMPT = "Given an input image, generate a textual description of the image."  # released UAE inference
 
 
+def checkpoint_llm_layers(llm, enable: bool = True) -> None:
+    """Activation checkpointing of the LLM's text decoder layers (a LoRA stage's memory at paper scale,
+    plan.py): each layer keeps only its input for the backward, which recomputes the layer's forward, one
+    layer at a time. Non-reentrant torch.utils.checkpoint: frozen bf16 weights, inputs without gradients and
+    the fp32 adapters need nothing special, and the recompute runs under the autocast state of the forward.
+    It uses transformers' own per-layer switch (GradientCheckpointingLayer reads `gradient_checkpointing` and
+    `_gradient_checkpointing_func`), which checkpoints `forward`, not `__call__`, so FSDP2's hooks stay outside,
+    and acts only in training mode with gradients on (the stages call model.train() before their backward;
+    captioning and no-grad passes are untouched). Set here rather than by gradient_checkpointing_enable, which
+    is renamed between transformers 5.0 and 5.24 and hooks the embeddings to require a gradient that only
+    reentrant checkpointing needs. The recompute reads a LoRA layer's `enabled` at backward time: a forward
+    with gradients is backpropagated before lora_disabled switches it (the stages' reference passes have no
+    gradients). The vision tower has no trained weights and no inputs with gradients: nothing to recompute."""
+    from functools import partial
+    from torch.utils.checkpoint import checkpoint
+    for layer in llm.model.language_model.layers:
+        layer.gradient_checkpointing = enable
+        layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+
 @dataclass
 class Captions:
     """G sampled captions per image, image-major (rows g*... of one image are consecutive)."""
@@ -473,7 +493,7 @@ class UAE(Captioner, nn.Module):
                       attention_mask=torch.cat([prompt["attention_mask"], torch.ones_like(ids)], 1))
         if "mm_token_type_ids" in prompt:
             inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1)
-        out = self.llm(**inputs, logits_to_keep=n_new + 1)
+        out = self.llm(**inputs, logits_to_keep=n_new + 1, use_cache=False)  # one pass: a KV cache would only take memory
         return self.token_logprobs(out.logits[:, :-1], ids, temperature)
 
     def token_logprobs(self, logits, ids, temperature: float) -> torch.Tensor:
@@ -530,7 +550,8 @@ class UAE(Captioner, nn.Module):
         on complete captions it learned more slowly (GenEval-shapes 0.060 against 0.110 zeroed at
         2,000 steps; RESULTS.md)."""
         enc = self.text_tokens(texts, allow_cut)
-        hidden = self.llm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = self.llm.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                use_cache=False).last_hidden_state  # one pass: a KV cache would only take memory
         return hidden * enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # pads: exact zeros (project)
 
     def condition(self, texts: list[str], allow_cut: bool = False) -> torch.Tensor:

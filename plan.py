@@ -217,18 +217,21 @@ def llm_layer_saved(d: int, f: int, heads: int, r: int, input_grad: bool = True)
     return adapters + norms + 4 * a * d + 4 * heads + 3 * a * f
 
 
-def llm_activations(qcfg: dict, batch: int, tokens: int, lora_r: int, logits_tokens: int = 0) -> float:
+def llm_activations(qcfg: dict, batch: int, tokens: int, lora_r: int, logits_tokens: int = 0,
+                    checkpointing: bool = False) -> float:
     """Peak activation bytes of one LoRA forward + backward of the text model on `batch` sequences of
     `tokens`, plus (logits_tokens > 0) the teacher-forced log-probs of model.caption_logprobs: log_softmax
     keeps its fp32 output (4 V per kept token) and its computation holds the bf16 logits, their fp32 copy
     and the copy divided by the temperature at once, 10 bytes x V (the working set). Per sequence: the
     RoPE cos/sin (a x head_dim each) and the additive mask (a x tokens^2, one for all layers); the final
     RMSNorm's fp32 input; the backward's working set, the gradients of a layer's output and input (2 a d
-    per token)."""
+    per token). With activation checkpointing (model.checkpoint_llm_layers) the layers keep only their
+    inputs (a d per token each, bf16) and the backward recomputes one layer at a time (its saved tensors)."""
     t = qcfg["text_config"]
     d, f, heads, layers = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"], t["num_hidden_layers"]
     layer, first = llm_layer_saved(d, f, heads, lora_r), llm_layer_saved(d, f, heads, lora_r, input_grad=False)
-    per_token = first + (layers - 1) * layer + (4 * d + 4) + 2 * BF16 * d // heads
+    kept = layers * BF16 * d + layer if checkpointing else first + (layers - 1) * layer
+    per_token = kept + (4 * d + 4) + 2 * BF16 * d // heads
     saved = batch * (tokens * per_token + BF16 * tokens ** 2)
     logits = batch * logits_tokens * t["vocab_size"] * 10
     return saved + batch * tokens * 2 * BF16 * d + logits
@@ -425,13 +428,14 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
             p.weights, p.grads, p.optimizer = frozen + 4 * (lora + trained), 4 * (lora + trained), 8 * (lora + trained)
         text_linear = count(llm.model.language_model) - count(llm.model.language_model.embed_tokens)
         autocast_copies = (BF16 * text_linear * 3 if wb == 4 else 0) + (0 if fsdp else BF16 * trained)  # estimate: fp32 weights cast per use
-        caption = llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1)  # log-probs
-        anchor = llm_activations(qcfg, micro + 1, s_txt, cfg.lora_r)  # its rows of the anchor set ("" with the last)
-        reconstruction = (llm_activations(qcfg, micro, s_txt, cfg.lora_r) +  # the captions' conditioning
-                          dit_activations(tcfg, micro, s_img, s_txt, "full", cfg.grad_checkpointing,
+        ckpt = cfg.grad_checkpointing  # LLM layers, DiT blocks and VAE decoder blocks recomputed
+        caption = llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1, ckpt)  # log-probs
+        anchor = llm_activations(qcfg, micro + 1, s_txt, cfg.lora_r, checkpointing=ckpt)  # its rows of the anchor set ("" with the last)
+        reconstruction = (llm_activations(qcfg, micro, s_txt, cfg.lora_r, checkpointing=ckpt) +  # the captions' conditioning
+                          dit_activations(tcfg, micro, s_img, s_txt, "full", ckpt,
                                           projector_hidden=projector_hidden, llm_hidden=text.hidden_size, rules=rules,
                                           steps=cfg.sample_steps, held_grads=BF16 * n_dit) +
-                          vae_decode_peak(vae.config, micro, size, grad=True, checkpointing=cfg.grad_checkpointing) +
+                          vae_decode_peak(vae.config, micro, size, grad=True, checkpointing=ckpt) +
                           clip_vision_activations(CLIP_VIT_L14, micro))
         terms = (caption, anchor, reconstruction)  # micro_batch > 0: each term backpropagated on its own (backward)
         p.activations = (max(terms) if cfg.micro_batch else sum(terms)) + autocast_copies
@@ -439,12 +443,15 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
         p.flops = cfg.batch_size * (llm_forward_flops(llm, 1, prompt + caption_tokens, caption_tokens, patches) +
                                     llm_forward_flops(llm, 1, prompt + caption_tokens, caption_tokens) * 2 +
                                     llm_forward_flops(llm, 2, s_txt) * 3 +
-                                    fwd_dit(1, cfg.sample_steps) * (4 if cfg.grad_checkpointing else 3) +
-                                    vae_flops(vae, 1, size) * (3 if cfg.grad_checkpointing else 2))
+                                    (llm_forward_flops(llm, 1, prompt + caption_tokens) +  # the recomputed LLM layers
+                                     llm_forward_flops(llm, 2, s_txt) if ckpt else 0) +
+                                    fwd_dit(1, cfg.sample_steps) * (4 if ckpt else 3) +
+                                    vae_flops(vae, 1, size) * (3 if ckpt else 2))
         p.notes.append(f"the DiT's {cfg.sample_steps} sampler steps, the VAE decode and CLIP backpropagated together per "
                        f"micro-batch of {micro} image(s)" + (", apart from the caption and anchor terms" if cfg.micro_batch else "") +
-                       f", the DiT's gradient held in bf16 across the steps ({BF16 * n_dit / GB:.1f} GB)" + (", DiT and VAE decoder blocks recomputed (grad_checkpointing)"
-                                                             if cfg.grad_checkpointing else ", every activation kept") +
+                       f", the DiT's gradient held in bf16 across the steps ({BF16 * n_dit / GB:.1f} GB)" +
+                       (", LLM layers, DiT blocks and VAE decoder blocks recomputed (grad_checkpointing)"
+                        if ckpt else ", every activation kept") +
                        "; VAE, CLIP and autocast-copy terms are estimates; captioning the rank's batch (no grad) not counted")
 
     elif stage == "grpo_encoder":  # LoRA on the text model; everything else frozen in weights_dtype
@@ -456,16 +463,19 @@ def plan_stage(stage: str, cfg, models: dict, n_gpus: int, fsdp: bool, prompt_to
                                                       "down_proj"], cfg.lora_r)
         p.weights = frozen_bytes(wb, llm, dit, vae) + 4 * proj + 4 * lora + reward
         p.grads, p.optimizer = 4 * lora, 8 * lora
-        p.activations = llm_activations(qcfg, micro + 1, s_txt, cfg.lora_r) + \
-            llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1)  # anchor rows ("" with the last) + log-probs
+        ckpt = cfg.grad_checkpointing  # LLM layers recomputed
+        p.activations = llm_activations(qcfg, micro + 1, s_txt, cfg.lora_r, checkpointing=ckpt) + \
+            llm_activations(qcfg, micro, prompt + caption_tokens, cfg.lora_r, caption_tokens + 1, ckpt)  # anchor rows ("" with the last) + log-probs
         cfg_batch = 2 if cfg.cfg_scale != 1.0 else 1
         p.no_grad = max(dit_inference_peak(tcfg, cfg_batch * micro, s_img, s_txt), vae_decode_peak(vae.config, micro, size))
         p.flops = cfg.images_per_step * cfg.group_size * (
             llm_forward_flops(llm, 1, prompt + caption_tokens, 0, patches) + llm_forward_flops(llm, 1, s_txt) +
             fwd_dit(cfg_batch, cfg.decode_steps) + vae_flops(vae, 1, size) +
             llm_forward_flops(llm, 1, prompt + caption_tokens, caption_tokens) * (1 + 2) +  # reference + policy
-            llm_forward_flops(llm, 1, s_txt) * 2)  # the drift anchor's forward + backward
-        p.notes.append(f"the drift anchor per micro-batch of {micro} caption(s) with its update; rollout: the rank's "
+            llm_forward_flops(llm, 1, s_txt) * 2 +  # the drift anchor's forward + backward
+            (llm_forward_flops(llm, 1, prompt + caption_tokens) + llm_forward_flops(llm, 1, s_txt) if ckpt else 0))  # recomputed layers
+        p.notes.append(f"the drift anchor per micro-batch of {micro} caption(s) with its update" +
+                       (", LLM layers recomputed (grad_checkpointing)" if ckpt else "") + f"; rollout: the rank's "
                        f"{local} captions sampled at once (KV cache not counted), drawn by the frozen DiT and VAE {micro} "
                        f"at a time")
 

@@ -2034,7 +2034,8 @@ def _policy_with_random_lora(world, part: str, targets: list[str], std: float):
 
 def test_grpo_encoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
     """Captions.rows cuts a rollout's prompt (pixel patches at their offsets) so that micro-batches of
-    captions score as they do in the whole batch, and their losses add up to the whole batch's gradient."""
+    captions score as they do in the whole batch, and their losses add up to the whole batch's gradient,
+    also with the LLM's layers recomputed in the backward (grad_checkpointing)."""
     import grpo_encoder
     from configurator import configure
     rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
@@ -2047,15 +2048,17 @@ def test_grpo_encoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
         torch.testing.assert_close(model.caption_logprobs(part.prompt, part.ids), whole[2:5], atol=1e-5, rtol=1e-4)
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, -1.2, 0.9])
     grads = []
-    for micro in (0, 4):  # chunks of 4 and 2 captions
+    for micro, checkpointing in ((0, False), (4, False), (4, True)):  # chunks of 4 and 2 captions
+        M.checkpoint_llm_layers(model.llm, checkpointing)
         opt = torch.optim.SGD(params, lr=0.0)
         stats = grpo_encoder.policy_step(model, rt, opt, params, out, advantages, configure(grpo_encoder.config, [
             "--group_size=3", f"--micro_batch={micro}"]))
         assert stats["finite"]
         grads.append([p.grad.clone() for p in params])
     assert any(g.abs().max() > 0 for g in grads[0])
-    for whole_grad, split in zip(*grads):
+    for whole_grad, split, recomputed in zip(*grads):
         torch.testing.assert_close(split, whole_grad, atol=1e-6, rtol=1e-4)
+        assert torch.equal(recomputed, split)
 
 
 def test_grpo_encoder_drift_anchor_per_micro_batch_gives_the_whole_set_gradient(tiny_world, monkeypatch):
@@ -2140,8 +2143,8 @@ def test_cold_start_conditions_the_decoder_on_caption_text_only(tiny_world):
 def test_cold_start_micro_batches_and_checkpointing_give_the_whole_batch_gradient(tiny_world):
     """cold_start.backward over micro-batches of images (4: each term backpropagated on its own; 3 + 1: uneven
     shares, the "" anchor with the last), with and without checkpointing (DiT blocks through the differentiable
-    sampler, VAE decoder blocks), gives the whole batch's loss and gradients on the adapters, projector and DiT
-    (fp32)."""
+    sampler, VAE decoder blocks, the LLM's layers in its three passes with gradients), gives the whole batch's
+    loss and gradients on the adapters, projector and DiT (fp32)."""
     import cold_start
     from configurator import configure
     rt, model, adapters, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
@@ -2158,24 +2161,23 @@ def test_cold_start_micro_batches_and_checkpointing_give_the_whole_batch_gradien
     model.train()
     noise = torch.randn(model.latent_shape(4))
     source = reward_fn.source_features(x.float().div(255), [0, 1, 2, 3])
-    results, block_calls, vae_calls = [], [], []
+    results, block_calls, vae_calls, llm_calls = [], [], [], []
     hooks = [model.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: block_calls.append(1)),
-             model.vae.decoder.up_blocks[-1].register_forward_pre_hook(lambda *_: vae_calls.append(1))]
+             model.vae.decoder.up_blocks[-1].register_forward_pre_hook(lambda *_: vae_calls.append(1)),
+             model.llm.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: llm_calls.append(1))]
     for micro, checkpointing in ((0, False), (4, False), (3, False), (3, True)):
         if checkpointing:
-            model.transformer.enable_gradient_checkpointing()
-            model.vae.enable_gradient_checkpointing()
+            cold_start.checkpoint_activations(model)
         model.zero_grad(set_to_none=True)
-        block_calls.clear(), vae_calls.clear()
+        block_calls.clear(), vae_calls.clear(), llm_calls.clear()
         cfg = configure(cold_start.config, ["--sample_steps=2", f"--micro_batch={micro}", "--ce_weight=0.5", "--anchor_weight=3.0"])
         stats = cold_start.backward(model, rt, reward_fn.backbone, captions, source, anchor_texts, reference, noise, cfg)
         results.append((stats, [p.grad.clone() for p in adapters + decoder]))
         parts, recompute = len(common.micro_slices(4, micro)), (2 if checkpointing else 1)
         assert len(block_calls) == 2 * parts * recompute and len(vae_calls) == parts * recompute  # (sampler steps x) parts
+        assert len(llm_calls) == 3 * parts * recompute  # log-probs, conditioning, anchor
     for hook in hooks:
         hook.remove()
-    model.transformer.disable_gradient_checkpointing()
-    model.vae.disable_gradient_checkpointing()
     (whole, whole_grads), parts = results[0], results[1:]
     assert whole["drift"] > 0 and all(g.abs().max() > 0 for g in (whole_grads[0], whole_grads[-1]))  # adapters and DiT both learn
     for stats, grads in parts:
@@ -2854,27 +2856,75 @@ def test_plan_dit_activations_match_measured_storages(mode, checkpointing, steps
     assert abs(predicted - measured) <= 0.2 * measured
 
 
-def test_plan_llm_lora_activations_match_measured_storages():
-    """The plan's model of a LoRA forward + backward of the text model with the teacher-forced log-probs
-    of grpo_encoder / cold_start (model.caption_logprobs' logits_to_keep and token_logprobs) against the
-    measured peak of a real 4-layer Qwen2.5-VL text model, bf16 weights, fp32 adapters."""
-    import plan
-    llm = _plan_tiny_models()["llm"].to(torch.bfloat16).requires_grad_(False)
+def _tiny_llm_logprobs(checkpointing: bool):
+    """A real 4-layer Qwen2.5-VL (the plan's tiny layout) in bf16 with fp32 LoRA on every text linear (A and B
+    random, so both get gradients), in training mode with its layers checkpointed or not
+    (model.checkpoint_llm_layers), and the teacher-forced (3, 16) log-probs of completion tokens after a
+    left-padded prompt, as model.caption_logprobs computes them (logits_to_keep, no KV cache, token_logprobs)."""
+    llm = _plan_tiny_models()["llm"].to(torch.bfloat16).requires_grad_(False).train()
     lora.inject_lora(llm.model.language_model, M.LLM_LORA_TARGETS, 4, 8)
+    M.checkpoint_llm_layers(llm, checkpointing)
     b, tokens, new = 3, 48, 16
     torch.manual_seed(0)
-    ids = torch.randint(0, 300, (b, tokens))
+    adapters = [p for m in lora.lora_layers(llm).values() for p in (m.lora_A, m.lora_B)]
+    with torch.no_grad():
+        for p in adapters:
+            p.normal_(std=0.05)
+    ids = torch.randint(2, 300, (b, tokens))  # not the banned ids: finite log-probs
     mask = torch.ones(b, tokens, dtype=torch.long)
     mask[0, :5] = 0  # a left-padded prompt, as caption_inputs pads
     scorer = type("Scorer", (), {"banned_token_ids": [0, 1]})()
 
-    def step():
-        logits = llm(input_ids=ids, attention_mask=mask, logits_to_keep=new + 1).logits
-        return -M.UAE.token_logprobs(scorer, logits[:, :-1], ids[:, -new:], 0.7).mean()
-    measured = _measured_activations([llm], [ids, mask], step)
-    predicted = plan.llm_activations(PLAN_TINY_QWEN, b, tokens, 4, logits_tokens=new)
-    print(f"measured {measured} B, predicted {predicted:.0f} B")
+    def logprobs():
+        logits = llm(input_ids=ids, attention_mask=mask, logits_to_keep=new + 1, use_cache=False).logits
+        return M.UAE.token_logprobs(scorer, logits[:, :-1], ids[:, -new:], 0.7)
+    return llm, adapters, (ids, mask), logprobs, (b, tokens, new)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_plan_llm_lora_activations_match_measured_storages(checkpointing):
+    """The plan's model of a LoRA forward + backward of the text model with the teacher-forced log-probs
+    of grpo_encoder / cold_start against the measured peak of a real 4-layer Qwen2.5-VL text model, bf16
+    weights, fp32 adapters, with and without its layers checkpointed (grad_checkpointing: layer inputs kept,
+    one layer recomputed at a time)."""
+    import plan
+    llm, _, inputs, logprobs, (b, tokens, new) = _tiny_llm_logprobs(checkpointing)
+    measured = _measured_activations([llm], inputs, lambda: -logprobs().mean())
+    predicted = plan.llm_activations(PLAN_TINY_QWEN, b, tokens, 4, logits_tokens=new, checkpointing=checkpointing)
+    print(f"checkpointing={checkpointing}: measured {measured} B, predicted {predicted:.0f} B")
     assert abs(predicted - measured) <= 0.2 * measured
+
+
+def test_checkpointed_llm_layers_give_the_same_gradients_with_less_memory():
+    """model.checkpoint_llm_layers (grad_checkpointing of cold_start and grpo_encoder) on a tiny Qwen2.5-VL
+    with LoRA, one grpo_encoder update under bf16 autocast (the reference log-probs with the adapters off and
+    no gradients, then the clipped surrogate with its KL): the same loss and bit-identical adapter gradients
+    as keeping every activation (the recompute replays the forward exactly), each layer run again in the
+    backward, and under half the measured activation memory. Switched off, nothing is recomputed."""
+    results, measured = {}, {}
+    for checkpointing in (False, True):
+        llm, adapters, inputs, logprobs, (b, _, new) = _tiny_llm_logprobs(checkpointing)
+        calls = []
+        llm.model.language_model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        with torch.no_grad(), lora.lora_disabled(llm), torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = logprobs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = logprobs()
+        loss = M.grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0, -0.5, 0.8]), torch.ones(b, new), beta=0.04)
+        loss.backward()
+        assert len(calls) == 1 + (2 if checkpointing else 1)  # the reference, the forward (and the recompute)
+        results[checkpointing] = (loss.detach(), [p.grad.clone() for p in adapters])
+        measured[checkpointing] = _measured_activations([llm], inputs, lambda: -logprobs().mean())
+    (loss, grads), (loss_ckpt, grads_ckpt) = results[False], results[True]
+    assert torch.equal(loss, loss_ckpt) and all(g.abs().max() > 0 for g in grads)
+    assert all(torch.equal(g, h) for g, h in zip(grads, grads_ckpt))
+    print(f"activations: {measured[False]} B all kept, {measured[True]} B checkpointed")
+    assert measured[True] < 0.5 * measured[False]
+    M.checkpoint_llm_layers(llm, False)
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs().mean().backward()
+    assert len(calls) == 1
 
 
 def _state_bytes(model, trained, opt, ema=()) -> dict:
