@@ -13,7 +13,8 @@ lr = 1e-5  # [-] (the shapes world's 2e-4 is for a 2M-parameter LLM)
 max_steps = 1000  # [-]
 images_per_step = 32  # [-] 4 per GPU
 group_size = 8  # [G]
-micro_batch = 2  # [-] memory: 32 captions per rank (4 images x 8) in update micro-batches of 2, each with its share of the drift anchor, and rollout decodes of 2 (python plan.py: ~57 GB per GPU; 3: ~70, 4: ~84, all 32 at once: ~463)
+micro_batch = 2  # [-] memory: 32 captions per rank (4 images x 8) in update micro-batches of 2, each with its share of the drift anchor, and rollout decodes of 2 (python plan.py: ~33 GB per GPU; 3: ~37, 4: ~40, all 32 at once: ~130)
+grad_checkpointing = True  # [-] recompute the LLM's 36 layers in the update's backward (python plan.py: activations 29.8 -> 3.2 GB, total ~57 -> ~33 GB per GPU, for +1% FLOPs, ~1 s of a ~128 s step): room for what the plan does not count (sampling's KV cache, the allocator's slack), and the stage fits a 40 GB GPU
 temperature = 0.7  # [R]
 max_new_tokens = 0  # [R] the release caps captions at 512 new tokens; 0 = the decoder's 512-token window minus the generate-turn prefix, the most that reaches the decoder whole (model.caption_cap refuses more)
 decode_steps = 20  # [-] the frozen decoder's reward sampler (inference uses 40)
