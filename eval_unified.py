@@ -8,6 +8,9 @@ UAE release): an hf: judge gets each image as a PIL image through its own image 
 is get_image_features and a DINO model's the CLS token; in folder mode a source's reconstruction is the
 file of the same name, else of the same name without extension, else recon_<stem>.<any image extension>.
 
+Both architectures, chosen by the checkpoint's model.json (model.load_autoencoder): a UAE, or a UMM2 that
+captions and draws (VQ tokens, guided by cfg_scale; Janus-Pro: 5) with its one LLM; sample_steps is the UAE's.
+
 The judges are kept apart from the RL reward's backbone (`reward_backbone`): a bench scored by the very
 model the RL stages maximised would reward fitting that model. The reward backbone is scored the same way
 and reported on its own, as reward_cosine, never in the Unified-Score.
@@ -49,7 +52,7 @@ from data import DataError, IMAGE_EXTENSIONS, load_image, read_records, save_gri
 from reward import cosine, load_backbone
 
 config = dict(
-    ckpt="",  # UAE checkpoint to evaluate (empty with --generated: score existing images)
+    ckpt="",  # UAE or UMM2 checkpoint to evaluate (empty with --generated: score existing images)
     data="data/shapes/bench.jsonl",  # source images: a JSONL (the shapes world adds scenes) or a folder of images
     generated="",  # folder of reconstructions to score against --references (matched as the released scorer does)
     references="",  # folder of source images for --generated
@@ -62,10 +65,10 @@ config = dict(
     greedy=True,  # greedy captions (deterministic); False samples at `temperature`
     temperature=0.7,  # caption sampling temperature when not greedy
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
-    sample_steps=30,  # Euler steps of the decoder
-    cfg_scale=1.25,  # classifier-free guidance scale (shapes world: best of 1-3, README "guidance")
+    sample_steps=30,  # Euler steps of the decoder (UAE)
+    cfg_scale=1.25,  # classifier-free guidance scale (UAE, shapes world: best of 1-3, README "guidance"; UMM2: Janus-Pro's 5)
     batch_size=50,  # images per forward
-    compile=True,  # torch.compile the DiT (model.compile_decoder)
+    compile=True,  # torch.compile the DiT (UMM2: its VQ decoder; model.compile_decoder)
     weights_dtype="float32",  # dtype the checkpoint is loaded in (paper: bfloat16, half the memory)
     geneval=True,  # shapes world: also generate from the true long captions (GenEval-shapes)
     device="auto",  # auto = cuda if available else cpu
@@ -164,8 +167,8 @@ def reconstruct(model, rt, sources, cfg, generator) -> tuple[list[str], torch.Te
 @torch.no_grad()
 def generate_from(model, rt, texts, cfg, generator, allow_cut: bool = False) -> torch.Tensor:
     with rt.autocast():
-        images = model.generate(texts, cfg.sample_steps, cfg.cfg_scale, generator=generator, batch_size=cfg.batch_size,
-                                allow_cut=allow_cut)
+        images = model.generate(texts, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, generator=generator,
+                                batch_size=cfg.batch_size, allow_cut=allow_cut)
     return (images * 255).round().to(torch.uint8).cpu()
 
 
@@ -206,7 +209,7 @@ def evaluate(cfg) -> dict:
     if cfg.generated:
         results = score(judges, reward_backbone, *pairs, cfg.batch_size)
     else:
-        model = M.UAE.load(cfg.ckpt, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device).eval()
+        model = M.load_autoencoder(cfg.ckpt, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device).eval()  # UAE or UMM2
         model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
         geneval = cfg.geneval and scenes is not None
         if geneval:  # the true captions the decoder draws: present, in its vocabulary, inside its window
@@ -247,7 +250,7 @@ def evaluate(cfg) -> dict:
 def generation_tables(model, rt, cfg, generator, records, names, sources, scenes, judges) -> dict:
     """Shapes world, the decoder alone (Understanding for Generation), from the TRUE captions, with the same
     noise as the reconstructions. generation: from the complete long captions, GenEval-shapes (overall =
-    exact scene), extra objects drawn per image, text reliance (model.text_reliance) and the judges'
+    exact scene), extra objects drawn per image, text reliance (model.measure_text_reliance) and the judges'
     Unified-Score of these images (the ceiling a caption could reach with this decoder). generation_partial:
     from the partial captions (details left out), the images that draw every stated detail, mentioned-object
     recall and extra objects, beside the objects the captions left out (what the guesses should match).
@@ -259,12 +262,8 @@ def generation_tables(model, rt, cfg, generator, records, names, sources, scenes
     exact = [shapes.detect_scene(g) == sc for g, sc in zip(drawn, scenes)]
     extra = shapes.caption_fidelity(complete, drawn)["extra_objects"]
     ceiling = score(judges, None, names, sources, drawn, cfg.batch_size)
-    with rt.autocast():
-        latents = torch.cat([model.encode_images(torch.from_numpy(np.stack(sources[i:i + cfg.batch_size])).permute(0, 3, 1, 2))
-                             for i in range(0, len(sources), cfg.batch_size)])
-        hidden = torch.cat([model.text_hidden_states(complete[i:i + cfg.batch_size])
-                            for i in range(0, len(complete), cfg.batch_size)])
-    reliance = M.text_reliance(model, rt, latents, hidden, generator.manual_seed(cfg.seed), batch_size=cfg.batch_size)
+    images = torch.from_numpy(np.stack(sources)).permute(0, 3, 1, 2)
+    reliance = model.measure_text_reliance(rt, images, complete, generator.manual_seed(cfg.seed), cfg.batch_size)
     tables = {"generation": shapes.generation_report(drawn, scenes) | {
         "extra_objects": float(np.mean(extra)), "text_reliance": reliance["text_reliance"],
         "unified_score": ceiling["unified_score"], "overall_per_image": per(exact),

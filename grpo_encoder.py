@@ -9,6 +9,11 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
 the first world GenEval-shapes from the true captions fell 0.44 -> 0.16 after 120 steps while the reward
 rose; with anchor_weight 1 it ended at 0.38 (relative drift 0.002).
 
+Both architectures, chosen by init_from's model.json (model.load_autoencoder): a UAE (above) or a UMM2
+(umm2.py, Janus: one LLM describes and draws). For a UMM2 the frozen decoder is that LLM with its adapters
+off drawing VQ tokens with guidance (cfg_scale; Janus-Pro: 5), and the anchor holds the LLM's states over
+the captions' T2I prompts (UMM2.condition); the model supplies the rendering (model.redraw), the script is one.
+
 Memory (paper scale, plan.py): micro_batch sets how many captions go through one forward/backward in the
 update, each with its share of the drift anchor (backpropagated with it, so the anchor's activations are
 bounded by a micro-batch too), and how many the frozen decoder draws at once in the rollout;
@@ -47,7 +52,7 @@ from reward import ReconstructionReward, group_advantages, load_backbone
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)
-    init_from="out/cold_start",  # UAE checkpoint to start from (the reference policy)
+    init_from="out/cold_start",  # UAE or UMM2 checkpoint to start from (the reference policy)
     weights_dtype="float32",  # dtype the frozen weights are loaded in (paper: bfloat16, half the memory; adapters stay fp32)
     image_size=0,  # side the images are resized and centre-cropped to on load (0 = the decoder's: model.image_size)
     out_dir="out/grpo_encoder",  # checkpoint directory
@@ -67,9 +72,9 @@ config = dict(
     micro_batch=0,  # captions per forward/backward in the update (with their share of the drift anchor) and per decoder pass in the rollout (0 = the rank's all; paper: memory)
     grad_checkpointing=False,  # recompute each LLM decoder layer in the update's backward instead of keeping its activations (paper scale; the frozen decoder runs without gradients)
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
-    decode_steps=10,  # Euler steps of the frozen decoder
-    cfg_scale=1.0,  # guidance of the frozen decoder's reward renders (val: 1.0 scored +2.8 Unified-Score over 1.25 at 25% less time per step; RESULTS.md)
-    compile=True,  # torch.compile the frozen DiT (model.compile_decoder)
+    decode_steps=10,  # Euler steps of the frozen decoder (UAE; a UMM2 draws its image tokens one by one)
+    cfg_scale=1.0,  # guidance of the frozen decoder's reward renders (UAE val: 1.0 scored +2.8 Unified-Score over 1.25 at 25% less time per step; RESULTS.md; UMM2: Janus-Pro's 5)
+    compile=True,  # torch.compile the frozen DiT (UMM2: its VQ decoder; model.compile_decoder)
     # loss
     mu=1,  # policy updates per rollout (1: old log-probs = logp.detach(), no extra forward)
     clip_eps=0.2,  # PPO clip range (low side)
@@ -100,21 +105,14 @@ rules = RULES | dict(  # valid values beyond the types (configurator), checked b
 
 @torch.no_grad()
 def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
-    """G captions per image from the policy, decoded by the frozen decoder, scored against the source."""
+    """G captions per image from the policy, redrawn by the frozen decoder (model.redraw), scored against the source."""
     model.eval()
     t0 = time.time()
     with rt.autocast():
         captions = model.caption(images, cfg.group_size, cfg.temperature, cfg.max_new_tokens)
     t1 = time.time()
-    with lora_disabled(model.llm), rt.autocast():  # the decoder's text encoder stays frozen
-        anchor_texts = captions.texts + [""]  # the captions and the CFG negative prompt
-        reference = model.condition(anchor_texts, allow_cut=True)
-        cond = reference[:-1]
-        negative = reference[-1:].expand(len(cond), -1, -1) if cfg.cfg_scale != 1.0 else None
-        noise = torch.randn(model.latent_shape(len(cond)), device=rt.device)  # drawn whole: micro-batches do not change it
-        recon = torch.cat([model.decode_latents(model.sample_ode(cond[c], cfg.decode_steps, cfg.cfg_scale,
-                                                                 None if negative is None else negative[c], noise=noise[c]))
-                           for c in micro_slices(len(cond), cfg.micro_batch)])
+    with lora_disabled(model.llm), rt.autocast():  # the decoder (and the LLM's reading of captions for it) stays frozen
+        recon, anchor_texts, reference = model.redraw(captions.texts, cfg.decode_steps, cfg.cfg_scale, cfg.micro_batch)
     t2 = time.time()
     sources = images.repeat_interleave(cfg.group_size, 0).float().div(255).to(rt.device)
     rewards = reward_fn.reconstruction_reward(sources, recon, keys=[k for k in keys for _ in range(cfg.group_size)])
@@ -183,7 +181,7 @@ def main(argv=None):
     probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"), need_caption=False)[:cfg.probe_n]
     probe_scenes = shapes.scenes_of(probe_records)
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model
-    model = M.UAE.load(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)
+    model = M.load_autoencoder(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)  # UAE or UMM2
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     size = cfg.image_size or model.image_size
     model.requires_grad_(False)

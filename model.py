@@ -17,11 +17,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from common import CheckpointError, check_files, read_json, reading, require_keys, SOURCE_REMEDY
+from common import CheckpointError, check_files, micro_slices, read_json, reading, require_keys, SOURCE_REMEDY
 from data import DataError, to_uint8_hwc
-from lora import inject_lora, lora_layers, lora_merged, merge_lora, save_lora
+from lora import inject_lora, lora_disabled, lora_layers, lora_merged, merge_lora, save_lora
 from shapes import object_question
 
 # ============================================================================ the auto-encoder
@@ -149,9 +150,10 @@ def pack_vision_attention(llm) -> None:
 
 
 class Captioner:
-    """The I2T side both architectures share (UAE here, UMM2 in umm2.py): the caption prompt's processor
-    inputs, the completion mask and the count of captions the length cap stopped. A subclass has processor,
-    tokenizer, caption_prompt, device and caption_cap()."""
+    """What both architectures share (UAE here, UMM2 in umm2.py): on the I2T side the caption prompt's
+    processor inputs, the completion mask and the count of captions the length cap stopped; the text checks;
+    and encoder RL's drift anchor on the decoder's reading of captions. A subclass has processor, tokenizer,
+    caption_prompt, device, caption_cap(), condition(), turn_lengths() and max_text_tokens."""
 
     def caption_inputs(self, images, num_samples: int = 1, prompts: list[str] | None = None) -> dict:
         """Processor inputs for the caption prompt (or one user prompt per image), each image repeated
@@ -197,8 +199,8 @@ class Captioner:
         """The `field` text of every record (training targets, or captions the decoder is asked to draw), each
         checked before any work: missing or empty, with words the tokenizer does not know (never a silent
         [UNK]) or, with `window`, longer than the decoder's text window, it is an error naming the first
-        such record's file:line and how many there are. The window is the UAE decoder's (turn_lengths,
-        max_text_tokens): other models check with window=False."""
+        such record's file:line and how many there are. The window (turn_lengths, max_text_tokens) is the UAE
+        decoder's text window, the UMM2's context less an image's tokens."""
         def fail(bad: list[int], problem: str):
             raise DataError(f"{records[bad[0]]['where']}: \"{field}\" {problem} ({len(bad)} such line(s) in all)")
         empty = [i for i, r in enumerate(records) if not (isinstance(r.get(field), str) and r[field].strip())]
@@ -217,6 +219,18 @@ class Captioner:
                 fail(bad, f"takes {lengths[bad[0]]} tokens, more than the decoder's window of max_text_tokens="
                           f"{self.max_text_tokens}")
         return texts
+
+    def drift(self, texts: list[str], reference: torch.Tensor, part: slice = slice(None), allow_cut: bool = False):
+        """condition_drift of the rows `part` of an anchor set (its texts, and their frozen conditioning
+        `reference`, under no_grad), weighted by its share of the rows: the parts of a partition add up to the
+        whole set's drift, so each part can run and backpropagate on its own, and the anchor's activations
+        are bounded by a micro-batch, not by the set (33 texts x 512 tokens at paper scale: ~89 GB). The
+        part's conditioning is left-padded with zeros to the set's width: a UMM2's prompts are left-padded
+        to the longest of the rows conditioned together (a UAE's all have the window's width)."""
+        rows = range(len(texts))[part]
+        cond = self.condition(texts[part], allow_cut)
+        cond = F.pad(cond, (0, 0, reference.shape[1] - cond.shape[1], 0))
+        return condition_drift(cond, reference[part], reference.float().pow(2).mean(), len(rows) / len(texts))
 
 
 def caption_ids(model: Captioner, texts: list[str]) -> torch.Tensor:
@@ -247,6 +261,8 @@ def caption_loss(model: Captioner, rt, images, targets: list[str], scenes, n: in
 
 class UAE(Captioner, nn.Module):
     """LLM (Qwen2.5-VL) + projector + MM-DiT (SD3) + VAE, with the flow-matching scheduler."""
+
+    DECODER_LORA = ("transformer", DIT_LORA_TARGETS)  # decoder RL adapts the DiT (Flow-GRPO); encoder RL the LLM
 
     def __init__(self, llm, processor, transformer, vae, scheduler, projector_hidden: int, pooled: torch.Tensor,
                  max_text_tokens: int, caption_prompt: str, sources: dict | None = None):
@@ -558,15 +574,6 @@ class UAE(Captioner, nn.Module):
         """Caption -> DiT encoder_hidden_states (B, max_text_tokens, joint_attention_dim)."""
         return self.project(self.text_hidden_states(texts, allow_cut))
 
-    def drift(self, texts: list[str], reference: torch.Tensor, part: slice = slice(None), allow_cut: bool = False):
-        """condition_drift of the rows `part` of an anchor set (its texts, and their frozen conditioning
-        `reference`, under no_grad), weighted by its share of the rows: the parts of a partition add up to the
-        whole set's drift, so each part can run and backpropagate on its own, and the anchor's activations
-        are bounded by a micro-batch, not by the set (33 texts x 512 tokens at paper scale: ~89 GB)."""
-        rows = range(len(texts))[part]
-        return condition_drift(self.condition(texts[part], allow_cut), reference[part], reference.float().pow(2).mean(),
-                               len(rows) / len(texts))
-
     def decoder_modules(self) -> list[nn.Module]:
         """What the decoder trains on top of the frozen LLM: text positions (if any), projector, DiT."""
         return [m for m in (self.text_positions, self.projector, self.transformer) if m is not None]
@@ -717,8 +724,86 @@ class UAE(Captioner, nn.Module):
         negative = self.negative_condition(len(texts), negative_prompt) if cfg_scale != 1.0 else None
         return self.decode_latents(self.sample_ode(cond, steps, cfg_scale, negative, generator))
 
+    # ------------------------------------------------------------------ what the RL stages and eval_unified call
+
+    @torch.no_grad()
+    def redraw(self, texts: list[str], steps: int, cfg_scale: float, micro_batch: int) -> tuple:
+        """grpo_encoder's reward renders (call it with the LLM's adapters off: the frozen decoder): the captions
+        conditioned in one pass with the "" of the CFG negative, drawn by the Euler ODE in micro-batches of
+        micro_batch (0 = all) from noise drawn whole, so micro-batches change no image. Returns the images, the
+        drift anchor's texts (texts + [""]) and their conditioning (the anchor's frozen reference)."""
+        anchor_texts = texts + [""]
+        reference = self.condition(anchor_texts, allow_cut=True)
+        cond = reference[:-1]
+        negative = reference[-1:].expand(len(cond), -1, -1) if cfg_scale != 1.0 else None
+        noise = torch.randn(self.latent_shape(len(cond)), device=self.device)
+        images = torch.cat([self.decode_latents(self.sample_ode(cond[c], steps, cfg_scale, None if negative is None else negative[c],
+                                                                noise=noise[c]))
+                            for c in micro_slices(len(cond), micro_batch)])
+        return images, anchor_texts, reference
+
+    @torch.no_grad()
+    def decoder_rollout(self, texts: list[str], cfg) -> dict:
+        """grpo_decoder's rollout (Flow-GRPO): cfg.group_size images per caption (caption-major) drawn by the SDE
+        sampler (cfg.train_steps steps, the first cfg.sde_steps stochastic; cfg.noise_level, cfg.cfg_scale), in
+        micro-batches of cfg.micro_batch trajectories; cfg.shared_noise: a caption's G images start from one
+        latent, so their rewards differ only through the SDE steps' noise, which is what the log-probs credit
+        (DanceGRPO's use_same_noise). Returns images, the trajectories with their step log-probs, and what
+        decoder_logprobs needs to recompute them."""
+        cond = self.condition(texts, allow_cut=True).repeat_interleave(cfg.group_size, 0)
+        negative = self.negative_condition(len(cond)) if cfg.cfg_scale != 1.0 else None
+        noise = (torch.randn(self.latent_shape(len(texts)), device=self.device).repeat_interleave(cfg.group_size, 0)
+                 if cfg.shared_noise else None)
+        chunks = micro_slices(len(cond), cfg.micro_batch)
+        parts = [self.sample_sde(cond[c], cfg.train_steps, cfg.cfg_scale, None if negative is None else negative[c],
+                                 cfg.noise_level, sde_steps=cfg.sde_steps, noise=None if noise is None else noise[c])
+                 for c in chunks]
+        traj = {k: torch.cat([p[k] for p in parts]) for k in ("latents", "log_probs", "means")} | {"sigmas": parts[0]["sigmas"]}
+        images = torch.cat([self.decode_latents(traj["latents"][c, -1]) for c in chunks])
+        return {"images": images, "traj": traj, "cond": cond, "negative": negative, "chunks": chunks,
+                "cfg_scale": cfg.cfg_scale, "noise_level": cfg.noise_level}
+
+    def decoder_units(self, rollout: dict, fraction: float) -> list:
+        """The SDE timesteps one update trains: a random `fraction` of them (at least one)."""
+        n_sde = rollout["traj"]["log_probs"].shape[1]
+        return torch.randperm(n_sde)[:max(1, round(fraction * n_sde))].tolist()
+
+    def decoder_logprobs(self, rollout: dict, j: int, rows: slice) -> tuple:
+        """Timestep j of trajectories `rows`, recomputed with gradients in the sampler's layout (so the ratio is
+        exactly 1 on-policy): (log-prob, recorded log-prob, None, KL on the step means against the reference,
+        the DiT's adapters off: step_kl), each (rows, 1) for model.grpo_loss."""
+        traj, cond, negative = rollout["traj"], rollout["cond"], rollout["negative"]
+        sigmas = traj["sigmas"]
+        x, x_next = traj["latents"][rows, j], traj["latents"][rows, j + 1]
+        neg = None if negative is None else negative[rows]
+        step = lambda: self.sde_transition(x, sigmas[j], sigmas[j + 1], cond[rows], neg, rollout["cfg_scale"],
+                                           rollout["noise_level"], sigmas[1], prev_sample=x_next)
+        _, logp, mean, step_std = step()
+        with torch.no_grad(), lora_disabled(self.transformer):
+            _, _, ref_mean, _ = step()
+        return logp[:, None], traj["log_probs"][rows, j][:, None], None, step_kl(mean, ref_mean, step_std)[:, None]
+
+    @torch.no_grad()
+    def measure_text_reliance(self, rt, images: torch.Tensor, texts: list[str], generator, batch_size: int = 50) -> dict:
+        """text_reliance (below) of uint8 `images` (B, 3, H, W) and their captions, batch_size per pass."""
+        with rt.autocast():
+            latents = torch.cat([self.encode_images(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+            hidden = torch.cat([self.text_hidden_states(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+        return text_reliance(self, rt, latents, hidden, generator, batch_size=batch_size)
+
 
 # ============================================================================ checkpoint parts (UAE and UMM2)
+
+
+def load_autoencoder(directory: str, dtype=torch.float32, remedy: str = SOURCE_REMEDY):
+    """The auto-encoder a checkpoint holds, of the "architecture" its model.json names (UAE or UMM2; written
+    before the key: UAE), so that one script per stage serves both (the RL stages, eval_unified)."""
+    path = os.path.join(directory, "model.json")
+    meta = read_json(path, remedy) if os.path.exists(path) else {}
+    if isinstance(meta, dict) and meta.get("architecture") == "UMM2":
+        import umm2  # here, not at the top: umm2 builds on this module
+        return umm2.UMM2.load(directory, dtype, remedy=remedy)
+    return UAE.load(directory, dtype, remedy=remedy)  # a missing or other model.json is named by read_parts
 
 
 def save_parts(model, directory: str, trained) -> tuple[dict, dict]:

@@ -38,9 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import SOURCE_REMEDY, check_files, reading
-from lora import inject_lora, lora_layers
-from model import PAPER_CAPTION_PROMPT, Captioner, Captions, merge_adapters, read_parts, save_parts
+from common import micro_slices, SOURCE_REMEDY, check_files, reading
+from lora import inject_lora, lora_disabled, lora_layers
+from model import LLM_LORA_TARGETS, PAPER_CAPTION_PROMPT, Captioner, Captions, merge_adapters, read_parts, save_parts
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the LLM's attention projections
 
@@ -136,6 +136,7 @@ class UMM2(Captioner, nn.Module):
     project's second auto-encoder. `llm` is the whole JanusForConditionalGeneration: the one network."""
 
     PARTS = ("llm", "processor")
+    DECODER_LORA = ("llm", LLM_LORA_TARGETS)  # decoder RL adapts the one LLM, as encoder RL does (every linear of it)
 
     def __init__(self, llm, processor, caption_prompt: str, max_caption_tokens: int, sources: dict | None = None):
         super().__init__()
@@ -145,6 +146,7 @@ class UMM2(Captioner, nn.Module):
         self.lora = {}  # part -> {"r", "alpha"} of the adapters injected into llm
         self.adapters = {}  # part -> saved adapter directories merged into it on loading (model.json "adapters")
         self.turns_cut = 0  # UAE's count of captions cut to the decoder's text window: T2I here reads a caption whole
+        self.unknown_word_captions = 0  # captions drawn (generate) with words the tokenizer maps to [UNK], as UAE's
         # a caption may not contain image or chat-control tokens (as UAE's); eos stays allowed
         self.banned_token_ids = sorted(set(self.tokenizer.all_special_ids) - {self.tokenizer.eos_token_id})
         self.boi_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.boi_token)
@@ -448,12 +450,103 @@ class UMM2(Captioner, nn.Module):
 
     @torch.no_grad()
     def generate(self, texts: list[str], cfg_scale: float = 5.0, temperature: float = 1.0, generator=None,
-                 batch_size: int = 0) -> torch.Tensor:
-        """Text -> images in [0, 1]: draw (an unchecked draft) and decode; batch_size texts per pass (0 = all)."""
+                 batch_size: int = 0, steps: int = 0, allow_cut: bool = False) -> torch.Tensor:
+        """Text -> images in [0, 1]: draw (an unchecked draft) and decode; batch_size texts per pass (0 = all).
+        Captions with words the tokenizer maps to [UNK] are counted (unknown_word_captions, eval_unified reports
+        it). steps and allow_cut are the UAE's (ODE steps; its text window): an autoregressive decoder draws its
+        M tokens and reads a caption whole, so they change nothing here; the stages call both models alike."""
         if 0 < batch_size < len(texts):
             return torch.cat([self.generate(texts[i:i + batch_size], cfg_scale, temperature, generator)
                               for i in range(0, len(texts), batch_size)])
+        self.unknown_word_captions += sum(bool(words) for words in self.unknown_words(texts))
         return self.decode_tokens(self.draw(texts, 1, cfg_scale, temperature, generator, check=False).tokens)
+
+    def compile_decoder(self) -> "UMM2":
+        """torch.compile the frozen VQ decoder (tokens -> pixels); the LLM's cached sampling steps change shape
+        every token and stay eager. Not measured at shapes scale (the stages' tests run with compile off)."""
+        self.llm.model.vqmodel.decoder.compile()
+        return self
+
+    # ------------------------------------------------------------------ what the RL stages and eval_unified call
+
+    def condition(self, texts: list[str], allow_cut: bool = False) -> torch.Tensor:
+        """What the decoder reads of each caption: the LLM's last-layer states over its T2I prompt (image_prompt,
+        left-padded; pads exact zeros), (B, T, h). Encoder RL's drift anchor (Captioner.drift) holds them where
+        the run started, as UAE.condition's: the adapters live in the LLM that also draws. allow_cut: the UAE's."""
+        prompt = self.image_prompt(texts)
+        mask = prompt["attention_mask"].bool()
+        hidden = self._forward(self._embed_text(prompt["input_ids"]), prompt["attention_mask"])
+        return torch.where(mask.unsqueeze(-1), hidden, 0.0)  # where, not *: a pad's state may be NaN
+
+    @property
+    def max_text_tokens(self) -> int:
+        """The longest T2I prompt the LLM can read with an image's tokens after it (its position table)."""
+        return self.llm.config.text_config.max_position_embeddings - self.image_tokens
+
+    def turn_lengths(self, texts: list[str]) -> list[int]:
+        """Tokens of each caption's T2I prompt: what must fit max_text_tokens (check_texts)."""
+        return self.image_prompt(texts)["attention_mask"].sum(1).tolist()
+
+    @torch.no_grad()
+    def redraw(self, texts: list[str], steps: int, cfg_scale: float, micro_batch: int) -> tuple:
+        """grpo_encoder's reward renders (call it with the LLM's adapters off: the frozen decoder): the captions
+        drawn with guidance (temperature 1), micro_batch texts per pass (0 = all). Returns the images, the drift
+        anchor's texts (texts + [""], as the UAE's) and their conditioning. steps: the UAE's."""
+        anchor_texts = texts + [""]
+        reference = self.condition(anchor_texts)
+        return self.generate(texts, cfg_scale, batch_size=micro_batch), anchor_texts, reference
+
+    @torch.no_grad()
+    def decoder_rollout(self, texts: list[str], cfg) -> dict:
+        """grpo_decoder's rollout: cfg.group_size images per caption (caption-major) as VQ tokens, each drawn from
+        the guided distribution (cfg.cfg_scale, cfg.image_temperature) and recorded with its log-prob (draw: the
+        teacher-forced sampler), in micro-batches of cfg.micro_batch rows, each drawn as one batch so the update
+        can rerun it in the same layout. cfg.shared_noise is refused: the sampling noise is fixed per row, so a
+        caption's G images would all be one. The UAE's SDE settings (train_steps, noise_level, sde_steps) do not
+        apply."""
+        if cfg.shared_noise:
+            raise ValueError("shared_noise=True: a UMM2 draws each token with noise fixed by its row's seed, so a "
+                             "caption's G images would be identical; use --shared_noise=False")
+        rows = [t for t in texts for _ in range(cfg.group_size)]
+        chunks = micro_slices(len(rows), cfg.micro_batch)
+        draws = [self.draw(rows[c], 1, cfg.cfg_scale, cfg.image_temperature) for c in chunks]
+        images = torch.cat([self.decode_tokens(d.tokens) for d in draws])
+        return {"images": images, "draws": draws, "chunks": chunks, "cfg_scale": cfg.cfg_scale,
+                "temperature": cfg.image_temperature}
+
+    def decoder_units(self, rollout: dict, fraction: float) -> list:
+        """One update unit: every image token at once, in one teacher-forced pass (fraction: the UAE's timesteps)."""
+        return [None]
+
+    def decoder_logprobs(self, rollout: dict, unit, rows: slice) -> tuple:
+        """Image tokens of the rows `rows` (one of the rollout's micro-batches), teacher-forced with gradients in
+        the layout they were drawn in (so the ratio is exactly 1 on-policy): (log-probs, recorded log-probs,
+        the reference's log-probs with the adapters off, None: model.grpo_loss's k3 KL), each (rows, M)."""
+        if rows not in rollout["chunks"]:
+            raise ValueError(f"rows {rows} were not drawn together (micro-batches {rollout['chunks']}): the update must "
+                             f"rerun the draw's layout")
+        d = rollout["draws"][rollout["chunks"].index(rows)]
+        logp = self.image_logprobs(d.prompt, d.tokens, rollout["cfg_scale"], rollout["temperature"])
+        with torch.no_grad(), lora_disabled(self.llm):
+            ref = self.image_logprobs(d.prompt, d.tokens, rollout["cfg_scale"], rollout["temperature"])
+        return logp, d.log_probs, ref, None
+
+    @torch.no_grad()
+    def measure_text_reliance(self, rt, images: torch.Tensor, texts: list[str], generator=None, batch_size: int = 50) -> dict:
+        """eval_unified's text reliance, the UAE's measure (model.text_reliance) for an autoregressive decoder: the
+        negative log-likelihood of each uint8 image's VQ tokens (B, 3, H, W) given its own caption, divided by that
+        given another image's caption (the previous one's, the UAE's pairing), unguided: 1.0 = the decoder ignores
+        the text; lower = it reads it. Returns text_reliance (the ratio of the summed NLLs) and per_image (each
+        image's own ratio). generator: the UAE's (no noise here)."""
+        other = texts[-1:] + texts[:-1]
+        own, oth = [], []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.encode_images(images[i:i + batch_size].to(self.device))
+            with rt.autocast():
+                for nll, captions in ((own, texts), (oth, other)):
+                    nll.append(-self.image_logprobs(self.image_prompt(captions[i:i + batch_size]), tokens, 1.0).sum(1))
+        own, oth = torch.cat(own), torch.cat(oth)
+        return {"text_reliance": (own.sum() / oth.sum()).item(), "per_image": (own / oth).tolist()}
 
 
 # ----------------------------------------------------------------------------- the VQ image tokenizer
