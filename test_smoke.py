@@ -1580,6 +1580,174 @@ def test_pretrain_umm2_refuses_a_caption_word_its_tokenizer_lacks(tiny_world, ti
     with pytest.raises(DataError, match=r"train.jsonl:2: \"partial_caption\" has words the tokenizer does not know: 'zorble'"):
         pretrain_umm2.main([f"--data_dir={data}", f"--vq_dir={tiny_vq}", "--max_steps=1", f"--out_dir={tmp_path / 'u'}"] + TINY_UMM2)
 
+# ----------------------------------------------------------------------------- UMM-2: Unified-GRPO and eval_unified
+
+UMM2_RL = ["--lora_r=4", "--lora_alpha=8", "--max_new_tokens=8", "--group_size=3", "--cfg_scale=3.0", "--threads=1",
+           "--log_interval=100"]
+
+
+@pytest.fixture(scope="module")
+def umm2_ckpt(tiny_world, tiny_vq):
+    """A tiny pretrained UMM2 checkpoint (pretrain_umm2, 2 steps, on tiny_vq's tokenizer): what the RL stages start from."""
+    import pretrain_umm2
+    out = tiny_world / "umm2_stage"
+    pretrain_umm2.main([f"--data_dir={tiny_world}", f"--vq_dir={tiny_vq}", f"--out_dir={out}", "--max_steps=2",
+                        "--eval_interval=100"] + TINY_UMM2)
+    return out
+
+
+def _umm2_rl_args(world, init, out, stage):
+    shared = [f"--data_dir={world}", f"--init_from={init}", f"--out_dir={out}", "--save_interval=2",
+              f"--reward_backbone=open_clip:ShapesCLIP:{world / 'shapes_clip.pt'}"] + UMM2_RL
+    return shared + {"encoder": ["--images_per_step=2", "--probe_n=4", "--compile=False"],
+                     "decoder": ["--captions_per_step=2", "--eval_n=4", "--clip_eps=0.2", "--micro_batch=4"]}[stage]
+
+
+def _umm2_killed_run_resumes_bit_for_bit(main, args, tmp_path, monkeypatch, capsys, name: str, n: int):
+    """The run of `args` (out_dir tmp_path/whole, 4 steps, saved every 2) again into tmp_path/cut, killed by the n-th
+    call of UMM2.<name> (in step 3) and rerun: it resumes and ends with the whole run's adapter bit for bit."""
+    from safetensors.torch import load_file
+    cut = [a for a in args if not a.startswith("--out_dir=")] + [f"--out_dir={tmp_path / 'cut'}"]
+    _killed_in_call(monkeypatch, umm2.UMM2, name, n)
+    with pytest.raises(KeyboardInterrupt):
+        main(cut)
+    assert common.load_training_state(str(tmp_path / "cut"))["step"] == 2
+    monkeypatch.undo()
+    main(cut)
+    assert "resumed from" in capsys.readouterr().out
+    whole, resumed = (load_file(tmp_path / d / "lora_llm" / "lora.safetensors") for d in ("whole", "cut"))
+    assert whole and whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_umm2_grpo_encoder_trains_its_llm_lora_off_is_the_reference_and_resumes_bit_for_bit(tiny_world, umm2_ckpt, capsys,
+                                                                                             tmp_path, monkeypatch):
+    """grpo_encoder on a UMM2 checkpoint: GRPO on caption tokens, the reward renders drawn by the same LLM with its
+    adapters off (UMM2.redraw), the drift anchor on its T2I prompt states; the saved adapter off gives the checkpoint
+    it started from bit for bit; a run killed in step 3 resumes to the weights of one never stopped."""
+    import grpo_encoder
+    args = _umm2_rl_args(tiny_world, umm2_ckpt, tmp_path / "whole", "encoder") + ["--max_steps=4"]
+    capsys.readouterr()
+    grpo_encoder.main(args)
+    text = capsys.readouterr().out
+    assert re.search(r"eval step 4 recall [0-9.]+ small_object_recall", text)
+    rows = [json.loads(l) for l in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["reward_mean"] <= 1 for r in rows)
+    assert rows[0]["kl"] == rows[0]["drift"] == 0 and rows[1]["kl"] > 0 and rows[1]["drift"] > 0  # B = 0 at step 1
+    meta = json.loads((tmp_path / "whole" / "model.json").read_text())
+    assert meta["architecture"] == "UMM2" and meta["adapters"] == {"llm": ["lora_llm"]}
+    assert not (tmp_path / "whole" / "llm").exists()  # only the adapter is written; the LLM is referenced
+    # the reference (adapters off) is the checkpoint the run started from, in both directions
+    base = umm2.UMM2.load(str(umm2_ckpt)).eval()
+    policy = umm2.UMM2.load(str(umm2_ckpt)).eval()
+    policy.add_lora("llm", 4, 8, M.LLM_LORA_TARGETS)
+    lora.load_lora(policy.llm, str(tmp_path / "whole" / "lora_llm"))
+    images, _ = _scene_images(2)
+    with torch.no_grad():
+        c = base.caption(images, greedy=True, check=False)
+        r = base.draw(UMM2_TEXTS, cfg_scale=3.0, generator=torch.Generator().manual_seed(0), check=False)
+        outputs = lambda m: (m.caption_logprobs(c.prompt, c.ids), m.image_logprobs(r.prompt, r.tokens, 3.0))
+        with lora.lora_disabled(policy.llm):
+            assert all(torch.equal(a, b) for a, b in zip(outputs(policy), outputs(base)))
+        on, merged = outputs(policy), outputs(M.load_autoencoder(str(tmp_path / "whole")).eval())
+        assert all((a - b).abs().max() > 0 for a, b in zip(on, outputs(base)))  # RL moved describing and drawing
+        for a, b in zip(merged, on):  # the checkpoint loads with the adapter merged
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # ref + policy caption log-probs per step (mu = 1, one micro-batch): the 5th call is in step 3
+    _umm2_killed_run_resumes_bit_for_bit(grpo_encoder.main, args, tmp_path, monkeypatch, capsys, "caption_logprobs", 5)
+
+
+def test_umm2_grpo_decoder_is_on_policy_with_guidance_and_lora_off_is_the_reference(tiny_world, umm2_ckpt):
+    """Decoder RL's rollout of a UMM2 (guided VQ tokens, in the micro-batches they were drawn in) and its update,
+    with random adapters on the LLM: the teacher-forced image-token log-probs equal the sampled ones (ratio 1,
+    CFG on), the reference is the adapters-off model bit for bit, and the token-level GRPO loss reaches the
+    adapters; the update refuses rows that were not drawn together."""
+    import grpo_decoder
+    from common import setup_runtime
+    from reward import ReconstructionReward, load_backbone
+    rt = setup_runtime("cpu", "float32", 0)
+    base = umm2.UMM2.load(str(umm2_ckpt)).eval()
+    model = umm2.UMM2.load(str(umm2_ckpt))
+    model.requires_grad_(False)
+    part, targets = model.DECODER_LORA
+    params = model.add_lora(part, 4, 8, targets)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    reward_fn = ReconstructionReward(load_backbone(f"open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}", rt.device))
+    cfg = configure(grpo_decoder.config, ["--group_size=3", "--max_new_tokens=8", "--cfg_scale=3.0", "--micro_batch=4",
+                                          "--clip_eps=0.2"])
+    images = load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2])
+    out = grpo_decoder.rollout(model, rt, reward_fn, images, [0, 1], cfg)
+    assert out["chunks"] == [slice(0, 4), slice(4, 6)] and out["images"].shape == (6, 3, shapes.CANVAS, shapes.CANVAS)
+    assert [d.tokens.shape for d in out["draws"]] == [(4, model.image_tokens), (2, model.image_tokens)]
+    with torch.no_grad():
+        for c, d in zip(out["chunks"], out["draws"]):
+            logp, old, ref, kl = model.decoder_logprobs(out, None, c)
+            assert torch.equal(logp, old) and kl is None  # the log-prob of the distribution each token was drawn from
+            assert torch.equal(ref, base.image_logprobs(d.prompt, d.tokens, 3.0)) and not torch.equal(ref, logp)
+        with pytest.raises(ValueError, match="were not drawn together"):
+            model.decoder_logprobs(out, None, slice(0, 6))
+    opt = torch.optim.SGD(params, lr=0.0)
+    stats = grpo_decoder.policy_step(model, rt, opt, params, out, torch.tensor([1.0, -0.5, -0.5, 0.3, -1.2, 0.9]), cfg,
+                                     check_on_policy=True)
+    assert stats["finite"] and stats["max_ratio_error"] == 0 and stats["kl"] > 0
+    assert all(torch.isfinite(p.grad).all() for p in params) and all(p.grad.abs().sum() > 0 for p in params)
+    with pytest.raises(ValueError, match="shared_noise"):
+        grpo_decoder.rollout(model, rt, reward_fn, images, [0, 1], configure(grpo_decoder.config, ["--shared_noise=True"]))
+
+
+def test_umm2_grpo_decoder_steps_on_policy_and_resumes_bit_for_bit(tiny_world, umm2_ckpt, capsys, tmp_path, monkeypatch):
+    """grpo_decoder on a UMM2 checkpoint end to end: the on-policy check at the first step (bf16 autocast, CFG 3,
+    two micro-batches) passes, LoRA on the LLM saved alone, and a run killed in step 3 resumes bit for bit."""
+    import grpo_decoder
+    args = _umm2_rl_args(tiny_world, umm2_ckpt, tmp_path / "whole", "decoder") + ["--max_steps=4", "--eval_interval=4"]
+    capsys.readouterr()
+    grpo_decoder.main(args)
+    text = capsys.readouterr().out
+    error = float(text.split("max |ratio - 1| = ")[1].split()[0])
+    assert error <= 1e-5 and "(<= 1e-5: ok)" in text, text
+    assert "LoRA parameters on UMM2.llm" in text and "eval step 0 overall" in text and "eval step 4 overall" in text
+    rows = [json.loads(l) for l in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[0]["kl"] == 0 and rows[1]["kl"] > 0
+    assert json.loads((tmp_path / "whole" / "model.json").read_text())["adapters"] == {"llm": ["lora_llm"]}
+    # policy + reference image log-probs of 2 micro-batches per step: the 9th call is in step 3
+    _umm2_killed_run_resumes_bit_for_bit(grpo_decoder.main, args, tmp_path, monkeypatch, capsys, "image_logprobs", 9)
+
+
+def test_eval_unified_on_a_umm2_checkpoint_writes_the_released_layout(tiny_world, umm2_ckpt, tmp_path):
+    """eval_unified reads the architecture from the checkpoint: a UMM2 captions, redraws from its captions and from
+    the true ones, and the results have the UAE's layout (the released scorer's keys and the oracle tables); its
+    text reliance is the VQ tokens' NLL under the own caption over another's, by hand."""
+    import eval_unified
+    save_clip(tmp_path / "clip"), save_dinov2(tmp_path / "dinov2")
+    out = tmp_path / "ev"
+    cfg = eval_unified.configure(eval_unified.config, [
+        f"--ckpt={umm2_ckpt}", f"--data={tiny_world / 'bench.jsonl'}", f"--out_dir={out}", "--max_new_tokens=8",
+        "--cfg_scale=3.0", "--compile=False", "--dtype=float32", f"--clip=hf:{tmp_path / 'clip'}",
+        f"--dinov2=hf:{tmp_path / 'dinov2'}", "--longclip=", f"--reward_backbone=open_clip:ShapesCLIP:{tiny_world / 'shapes_clip.pt'}"])
+    results = eval_unified.evaluate(cfg)
+    assert set(results) == RELEASED_KEYS | {"unified_score", "unified_score_per_image", "reward_cosine", "reward_cosine_per_image",
+                                            "understanding", "generation", "generation_partial", "unification", "config"}
+    assert results["model_types"] == ["clip", "dinov2"]
+    assert all(s["total_images"] == s["valid_pairs"] == 8 for s in results["statistics_by_model"].values())
+    assert set(results["generation"]) >= {"overall", "overall_per_image", "unified_score", "text_reliance", "text_reliance_per_image"}
+    assert set(results["unification"]) == {"unified_score", "reward_cosine", "scene_f1", "mentioned_object_recall",
+                                           "captions_cut", "turns_cut", "unknown_word_captions"}
+    assert results["unification"]["turns_cut"] == 0  # T2I reads a caption whole
+    recons = sorted(os.listdir(out / "reconstructions"))
+    assert len(recons) == 8 and load_image({"image_path": str(out / "reconstructions" / recons[0]), "where": "r"}).shape == (
+        shapes.CANVAS, shapes.CANVAS, 3)
+    texts = [json.loads(l)["caption"] for l in (out / "captions.jsonl").read_text().splitlines()]
+    bench = read_jsonl(str(tiny_world / "bench.jsonl"))
+    assert results["understanding"] == pytest.approx(shapes.caption_report(texts, shapes.scenes_of(bench)), nan_ok=True)
+    model = umm2.UMM2.load(str(umm2_ckpt)).eval()
+    captions, names = [r["caption"] for r in bench], [os.path.basename(r["image"]) for r in bench]
+    with torch.no_grad():
+        tokens = model.encode_images(load_images(bench[:1]))
+        nll = [-model.image_logprobs(model.image_prompt([t]), tokens, 1.0).sum() for t in (captions[0], captions[-1])]
+    assert results["generation"]["text_reliance_per_image"][names[0]] == pytest.approx((nll[0] / nll[1]).item(), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------- paper scale: loading real layouts
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
