@@ -463,7 +463,8 @@ class UMM2(Captioner, nn.Module):
 
     def compile_decoder(self) -> "UMM2":
         """torch.compile the frozen VQ decoder (tokens -> pixels); the LLM's cached sampling steps change shape
-        every token and stay eager. Not measured at shapes scale (the stages' tests run with compile off)."""
+        every token and stay eager. Checked once on the tiny world: the same images to 2e-6 after ~23 s of compiling
+        (1 thread); its speed-up is not measured."""
         self.llm.model.vqmodel.decoder.compile()
         return self
 
