@@ -3,7 +3,7 @@
 The RL-trained encoder captions each source image; the decoder (DiT + LoRA on its attention) draws G
 images per caption with the SDE sampler, recording each step's Gaussian log-prob; the reward is the
 similarity of each image to its SOURCE, so the decoder learns to use every detail the caption gives
-(DESIGN §4.5; Flow-GRPO, Liu et al. 2025). Per-timestep loss via model.grpo_loss: ratio of step
+(DESIGN §4.5; Flow-GRPO, Liu et al. 2025). Per-timestep loss via grpo.grpo_loss: ratio of step
 log-probs, clip range ~1e-4, KL on the predicted means against the reference (adapters off).
 
     python grpo_decoder.py
@@ -43,6 +43,7 @@ from common import (
     RULES, save_checkpoint, set_rng_state, start_run)
 from configurator import above, at_least, configure, must, one_of
 from data import load_images, read_jsonl
+from grpo import grpo_loss
 from lora import load_lora, lora_disabled
 from reward import ADVANTAGE_STD, ReconstructionReward, group_advantages, load_backbone
 
@@ -141,8 +142,8 @@ def policy_step(model, rt, opt, params, out, advantages, cfg, check_on_policy: b
             if check_on_policy and unit == units[0]:
                 error = (torch.exp(logp.detach() - old) - 1).abs().max().item()
                 totals["max_ratio_error"] = max(totals["max_ratio_error"], error)
-            loss, stats = M.grpo_loss(logp, old, ref, advantages[c], torch.ones_like(logp), cfg.clip_eps, None, cfg.beta,
-                                      kl=kl, return_stats=True)
+            loss, stats = grpo_loss(logp, old, ref, advantages[c], torch.ones_like(logp), cfg.clip_eps, None, cfg.beta,
+                                    kl=kl, return_stats=True)
             if not all_finite(loss):
                 return {**totals, "finite": False}
             (loss * share / len(units)).backward()

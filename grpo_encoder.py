@@ -47,6 +47,7 @@ from common import (
     micro_slices, NonFiniteGuard, own_rank, RULES, save_checkpoint, set_rng_state, start_run)
 from configurator import at_least, configure, must, one_of
 from data import load_images, read_jsonl
+from grpo import grpo_loss
 from lora import load_lora, lora_disabled
 from reward import ReconstructionReward, group_advantages, load_backbone
 
@@ -149,10 +150,10 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
             with rt.autocast():
                 logp = model.caption_logprobs(c.prompt, c.ids, cfg.temperature)
             logp = torch.where(m.bool(), logp, 0.0)
-            loss, stats = M.grpo_loss(logp, logp.detach() if c_old is None else c_old,
-                                      None if c_ref is None else torch.where(m.bool(), c_ref, 0.0), advantages[rows], m,
-                                      cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.aggregation,
-                                      return_stats=True, tokens_per_rank=tokens_per_rank)
+            loss, stats = grpo_loss(logp, logp.detach() if c_old is None else c_old,
+                                    None if c_ref is None else torch.where(m.bool(), c_ref, 0.0), advantages[rows], m,
+                                    cfg.clip_eps, cfg.clip_eps_high, cfg.beta, cfg.aggregation,
+                                    return_stats=True, tokens_per_rank=tokens_per_rank)
             if cfg.aggregation == "sequence":  # a chunk's mean over its rows, weighted to the batch's mean
                 loss = loss * (len(c.ids) / len(mask))
             loss = loss + cfg.anchor_weight * drift  # this micro-batch's share of the anchor

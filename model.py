@@ -1,4 +1,4 @@
-"""The UMM-1 auto-encoder (DESIGN §3), its samplers and the losses the RL stages share.
+"""The UMM-1 auto-encoder (DESIGN §3), its samplers and the drift anchor the RL stages share.
 
     encoder  image --Qwen2.5-VL--> caption                         (understanding, I2T)
     decoder  caption --same LLM, role "generate"--> hidden states --projector--> SD3 MM-DiT --VAE--> image
@@ -7,11 +7,10 @@
 One class serves both scales: `UAE.build_tiny(...)` makes the shapes-world model from configs,
 `UAE.from_pretrained(qwen_dir, sd3_dir)` loads Qwen2.5-VL-3B-Instruct + an SD3 pipeline directory
 from disk, and `UAE.save` / `UAE.load` handle our own checkpoints. The runtime and checkpoints every
-stage shares are in common.py, the hand-written LoRA in lora.py.
+stage shares are in common.py, the hand-written LoRA in lora.py, the GRPO maths in grpo.py.
 """
 import contextlib
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from common import CheckpointError, check_files, micro_slices, read_json, reading, require_keys, SOURCE_REMEDY
 from data import DataError, to_uint8_hwc
+from grpo import sde_step, step_kl
 from lora import inject_lora, lora_disabled, lora_layers, lora_merged, merge_lora, save_lora
 from shapes import object_question
 
@@ -73,36 +73,6 @@ class Captions:
             prompt["pixel_values"] = self.prompt["pixel_values"][(ends[first - 1] if first else 0):ends[last]]
         return Captions(prompt, self.ids[part], self.mask[part], self.texts[part],
                         None if self.log_probs is None else self.log_probs[part])
-
-
-def sde_step(x, v, sigma, sigma_next, noise_level: float, sigma_max, prev_sample=None, generator=None):
-    """One Flow-GRPO SDE step (Liu et al. 2025, eq. 9), the reverse-time SDE with the same marginals as
-    the rectified-flow ODE. dt = sigma_next - sigma < 0, std_t = a * sqrt(sigma / (1 - sigma)):
-        mean = x + [v + std_t^2 / (2 sigma) * (x + (1 - sigma) v)] dt,   x' = mean + std_t sqrt(-dt) z
-    Returns (x', log N(x' | mean, step_std^2) averaged over dimensions, mean, step_std = std_t sqrt(-dt)).
-    At noise_level 0 this is exactly the Euler ODE step. Pass prev_sample to score a stored x'."""
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    sigma, sigma_next = sigma.float().view(shape), sigma_next.float().view(shape)
-    x, v, dt = x.float(), v.float(), sigma_next - sigma
-    # sigma = 1 would divide by zero; Flow-GRPO uses the first sigma below 1 there
-    std_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma >= 1, sigma_max, sigma)))
-    mean = x + (v + std_t ** 2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
-    step_std = std_t * torch.sqrt(-dt)
-    if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        prev_sample = mean + step_std * noise
-    if noise_level == 0:
-        return prev_sample, None, mean, step_std
-    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * step_std ** 2) - torch.log(step_std)
-                - 0.5 * math.log(2 * math.pi))
-    return prev_sample, log_prob.mean(dim=tuple(range(1, x.dim()))), mean, step_std
-
-
-def step_kl(mean, ref_mean, step_std) -> torch.Tensor:
-    """Per-sample KL(N(mean, s^2 I) || N(ref_mean, s^2 I)) of two SDE steps with the same std s, averaged
-    over dimensions: |mean - ref_mean|^2 / (2 s^2), s = std_t sqrt(|dt|) (the exact KL; Flow-GRPO's code divides
-    by std_t^2 alone, so its beta is ours times 1/|dt|: DESIGN §4)."""
-    return ((mean - ref_mean) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std.flatten() ** 2)
 
 
 def tiny_dit(vae, layers=4, heads=4, head_dim=32, patch=2, joint_dim=128, pooled_dim=32, qk_norm=None):
@@ -771,7 +741,7 @@ class UAE(Captioner, nn.Module):
     def decoder_logprobs(self, rollout: dict, j: int, rows: slice) -> tuple:
         """Timestep j of trajectories `rows`, recomputed with gradients in the sampler's layout (so the ratio is
         exactly 1 on-policy): (log-prob, recorded log-prob, None, KL on the step means against the reference,
-        the DiT's adapters off: step_kl), each (rows, 1) for model.grpo_loss."""
+        the DiT's adapters off: step_kl), each (rows, 1) for grpo.grpo_loss."""
         traj, cond, negative = rollout["traj"], rollout["cond"], rollout["negative"]
         sigmas = traj["sigmas"]
         x, x_next = traj["latents"][rows, j], traj["latents"][rows, j + 1]
@@ -921,51 +891,3 @@ def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=5
         other_err.append(err[1])
     own, oth = torch.cat(own_err), torch.cat(other_err)
     return {"text_reliance": (own.sum() / oth.sum()).item(), "per_image": (own / oth).tolist()}
-
-
-# ============================================================================ the GRPO loss (hand-written)
-
-
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float = 0.2, clip_eps_high: float | None = None,
-              beta: float = 0.04, aggregation: str = "token", kl=None, return_stats: bool = False,
-              tokens_per_rank=None):
-    """Clipped-surrogate GRPO loss (Shao et al. 2024, DAPO's eps_high from Yu et al. 2025), per element:
-
-        ratio = exp(logp - old_logp)
-        loss  = -min(ratio A, clip(ratio, 1 - eps, 1 + eps_high) A) + beta KL
-        KL    = exp(ref - logp) - (ref - logp) - 1         (k3, unbiased, >= 0; Schulman 2020)
-
-    logp / old_logp / ref_logp / mask are (N, L): tokens of a caption, or timesteps of a Flow-GRPO
-    trajectory; advantages (N,) broadcast over L. `kl` (N, L) replaces k3 where the KL is known in
-    closed form (the decoder: Gaussian means). Aggregation "token": sum over all elements / their
-    count (length-neutral); "sequence": mean per row, then over rows (favours short answers).
-    Data parallel, "token" divides by tokens_per_rank, the count averaged over ranks: the gradient
-    averaged over ranks is then that of every rank's sum / all their tokens, whereas each rank's own
-    count would weight up a rank of short captions. Computed in fp32. Returns the scalar loss, and a
-    stats dict if return_stats."""
-    if aggregation not in ("token", "sequence"):
-        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
-    logp, old_logp, mask = logp.float(), old_logp.float(), mask.float()
-    adv = advantages.float().view(-1, 1)
-    ratio = torch.exp(logp - old_logp)
-    high = clip_eps if clip_eps_high is None else clip_eps_high
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + high)
-    per_elem = -torch.minimum(ratio * adv, clipped * adv)
-    if kl is None and beta != 0:
-        delta = ref_logp.float() - logp
-        kl = torch.exp(delta) - delta - 1
-    if kl is not None and beta != 0:
-        per_elem = per_elem + beta * kl.float()
-    if aggregation == "token":
-        count = mask.sum() if tokens_per_rank is None else tokens_per_rank
-        loss = (per_elem * mask).sum() / count.clamp(min=1)
-    else:
-        loss = ((per_elem * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-    if not return_stats:
-        return loss
-    with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        is_clipped = ((ratio * adv) > (clipped * adv)).float()  # the clipped branch is the one taken
-        stats = {"clip_fraction": (is_clipped * mask).sum() / n, "ratio_mean": (ratio * mask).sum() / n,
-                 "kl": ((kl.float() * mask).sum() / n) if kl is not None else torch.zeros(())}
-    return loss, stats

@@ -609,6 +609,7 @@ def test_reconstruction_reward_and_source_cache(shapes_clip_file):
 # ----------------------------------------------------------------------------- model.py and lora.py: LoRA, samplers, log-probs
 
 import common  # noqa: E402
+from grpo import grpo_loss, sde_step, step_kl  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 
@@ -835,7 +836,7 @@ def test_sde_step_is_the_gaussian_by_hand_and_ode_at_zero_noise():
     torch.manual_seed(0)
     x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     sigma, sigma_next, a = torch.tensor(0.6), torch.tensor(0.45), 0.7
-    new, logp, mean, step_std = M.sde_step(x, v, sigma, sigma_next, a, sigma_max=torch.tensor(0.9))
+    new, logp, mean, step_std = sde_step(x, v, sigma, sigma_next, a, sigma_max=torch.tensor(0.9))
     dt = -0.15
     s_t = a * math.sqrt(0.6 / 0.4)
     mean_hand = x + (v + s_t ** 2 / (2 * 0.6) * (x + 0.4 * v)) * dt
@@ -844,13 +845,13 @@ def test_sde_step_is_the_gaussian_by_hand_and_ode_at_zero_noise():
     assert step_std.flatten()[0].item() == pytest.approx(std)
     density = torch.distributions.Normal(mean_hand, std).log_prob(new).mean(dim=(1, 2, 3))
     torch.testing.assert_close(logp, density)
-    _, logp_again, _, _ = M.sde_step(x, v, sigma, sigma_next, a, torch.tensor(0.9), prev_sample=new)
+    _, logp_again, _, _ = sde_step(x, v, sigma, sigma_next, a, torch.tensor(0.9), prev_sample=new)
     torch.testing.assert_close(logp_again, logp)  # scoring the stored sample gives the same log-prob
-    ode, none, _, _ = M.sde_step(x, v, sigma, sigma_next, 0.0, torch.tensor(0.9))
+    ode, none, _, _ = sde_step(x, v, sigma, sigma_next, 0.0, torch.tensor(0.9))
     assert none is None
     torch.testing.assert_close(ode, x + dt * v)  # noise level 0 is the Euler ODE step
     # sigma = 1 uses sigma_max in the denominator instead of dividing by zero
-    _, logp_one, _, std_one = M.sde_step(x, v, torch.tensor(1.0), torch.tensor(0.9), a, torch.tensor(0.9))
+    _, logp_one, _, std_one = sde_step(x, v, torch.tensor(1.0), torch.tensor(0.9), a, torch.tensor(0.9))
     assert torch.isfinite(logp_one).all() and std_one.flatten()[0] == pytest.approx(a * math.sqrt(1 / (1 - 0.9)) * math.sqrt(0.1))
 
 
@@ -1192,45 +1193,45 @@ def test_grpo_loss_by_hand():
     k3 = torch.exp(delta) - delta - 1
     per = surrogate + 0.04 * k3
     token = (per * mask).sum() / 5
-    loss, stats = M.grpo_loss(logp, old, ref, adv, mask, return_stats=True)
+    loss, stats = grpo_loss(logp, old, ref, adv, mask, return_stats=True)
     torch.testing.assert_close(loss, token)
     assert stats["clip_fraction"].item() == pytest.approx(1 / 5)
     torch.testing.assert_close(stats["kl"], (k3 * mask).sum() / 5)
     # data parallel: row 0 on one rank (3 tokens), row 1 on another (2); averaging their losses, as
     # averaging gradients does, gives the token loss only with the count averaged over ranks (2.5)
-    ranks = [M.grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1], tokens_per_rank=t)
+    ranks = [grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1], tokens_per_rank=t)
              for i, t in ((0, torch.tensor(2.5)), (1, torch.tensor(2.5)))]
     torch.testing.assert_close((ranks[0] + ranks[1]) / 2, token)
-    own = [M.grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1]) for i in (0, 1)]
+    own = [grpo_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], adv[i:i + 1], mask[i:i + 1]) for i in (0, 1)]
     assert abs((own[0] + own[1]).item() / 2 - token.item()) > 0.05  # each rank's own count: a different loss
     seq = ((per * mask).sum(1) / mask.sum(1)).mean()
-    torch.testing.assert_close(M.grpo_loss(logp, old, ref, adv, mask, aggregation="sequence"), seq)
+    torch.testing.assert_close(grpo_loss(logp, old, ref, adv, mask, aggregation="sequence"), seq)
     # eps_high = 0.8 lets the positive-advantage token up to ratio 1.8: e^.5 = 1.65 is no longer clipped
-    high = M.grpo_loss(logp, old, ref, adv, mask, clip_eps_high=0.8, beta=0.0)
+    high = grpo_loss(logp, old, ref, adv, mask, clip_eps_high=0.8, beta=0.0)
     surrogate_high = surrogate.clone()
     surrogate_high[0, 0] = -math.exp(0.5)
     torch.testing.assert_close(high, (surrogate_high * mask).sum() / 5)
     # low side with a negative advantage: ratio 0.5 clips to 0.8, min(-2 * 0.5, -2 * 0.8) = -1.6 -> loss 1.6
-    low = M.grpo_loss(torch.log(torch.tensor([[0.5]])), torch.zeros(1, 1), None, torch.tensor([-2.0]),
-                      torch.ones(1, 1), beta=0.0)
+    low = grpo_loss(torch.log(torch.tensor([[0.5]])), torch.zeros(1, 1), None, torch.tensor([-2.0]),
+                    torch.ones(1, 1), beta=0.0)
     torch.testing.assert_close(low, torch.tensor(1.6))
     # a zero-advantage group contributes only its KL
-    zero = M.grpo_loss(logp, old, ref, torch.zeros(2), mask)
+    zero = grpo_loss(logp, old, ref, torch.zeros(2), mask)
     torch.testing.assert_close(zero, 0.04 * (k3 * mask).sum() / 5)
     with pytest.raises(ValueError, match="aggregation"):
-        M.grpo_loss(logp, old, ref, adv, mask, aggregation="mean")
+        grpo_loss(logp, old, ref, adv, mask, aggregation="mean")
 
 
 def test_grpo_gradient_at_ratio_one_is_policy_gradient():
     logp = torch.tensor([[-1.0, -0.5], [-2.0, -0.1]], requires_grad=True)
     adv, mask = torch.tensor([0.7, -1.3]), torch.ones(2, 2)
-    loss = M.grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)  # mu = 1: old = logp.detach()
+    loss = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0)  # mu = 1: old = logp.detach()
     loss.backward()
     # d/dlogp of -(A * exp(logp - old)) at logp = old is -A, averaged over the 4 tokens
     torch.testing.assert_close(logp.grad, -adv.view(-1, 1).expand(2, 2) / 4)
     # with the reference equal to the policy, k3 and its gradient vanish
     logp.grad = None
-    M.grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(2), mask, beta=1.0).backward()
+    grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(2), mask, beta=1.0).backward()
     torch.testing.assert_close(logp.grad, torch.zeros(2, 2))
 
 
@@ -1409,8 +1410,8 @@ def test_umm2_lora_off_is_the_base_bit_for_bit_and_on_changes_both_directions(ti
     logp_caption = torch.where(valid, model.caption_logprobs(captions.prompt, captions.ids), 0.0)
     assert torch.equal(logp_image.detach(), rollout.log_probs) and torch.equal(logp_caption.detach(), captions.log_probs)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    loss = (M.grpo_loss(logp_image, rollout.log_probs, None, advantages, torch.ones_like(logp_image), beta=0.0) +
-            M.grpo_loss(logp_caption, captions.log_probs, None, advantages, valid.float(), beta=0.0))
+    loss = (grpo_loss(logp_image, rollout.log_probs, None, advantages, torch.ones_like(logp_image), beta=0.0) +
+            grpo_loss(logp_caption, captions.log_probs, None, advantages, valid.float(), beta=0.0))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in params) and all(p.grad.abs().sum() > 0 for p in params[1::2])
     lora.save_lora(model.llm, str(tmp_path), 4, 8)
@@ -2650,12 +2651,12 @@ def test_grpo_decoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
 
 
 def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
-    """model.step_kl, grpo_decoder's KL term: KL(N(mu, s^2) || N(mu_ref, s^2)) per dimension =
+    """grpo.step_kl, grpo_decoder's KL term: KL(N(mu, s^2) || N(mu_ref, s^2)) per dimension =
     (mu - mu_ref)^2 / (2 s^2). Checked on a hand-computed case, then on the step Gaussians of a
     LoRA-perturbed DiT against its reference (adapters off) by torch.distributions."""
     # hand case: sample 0 differs by (1, 2) with s = 0.5 -> (1 + 4) / 2 / (2 * 0.25) = 5; sample 1 is equal
     mean, ref = torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]]]), torch.tensor([[[0.0, 1.0]], [[2.0, 2.0]]])
-    torch.testing.assert_close(M.step_kl(mean, ref, torch.tensor(0.5).view(1, 1, 1)), torch.tensor([5.0, 0.0]))
+    torch.testing.assert_close(step_kl(mean, ref, torch.tensor(0.5).view(1, 1, 1)), torch.tensor([5.0, 0.0]))
     import copy
     model = copy.deepcopy(tiny_uae)
     params = model.add_lora("transformer", 4, 8, M.DIT_LORA_TARGETS)
@@ -2671,7 +2672,7 @@ def test_decoder_kl_is_the_gaussian_mean_difference(tiny_uae):
     s = step_std.flatten()[0]
     assert s == pytest.approx(0.7 * math.sqrt(sigmas[1] / (1 - sigmas[1])) * math.sqrt(sigmas[1] - sigmas[2]))
     exact = torch.distributions.kl_divergence(torch.distributions.Normal(mean, s), torch.distributions.Normal(ref_mean, s))
-    kl = M.step_kl(mean, ref_mean, step_std)
+    kl = step_kl(mean, ref_mean, step_std)
     torch.testing.assert_close(kl, exact.flatten(1).mean(1))
     assert kl.shape == (2,) and (kl > 0).all()
 
@@ -3078,7 +3079,7 @@ def test_checkpointed_llm_layers_give_the_same_gradients_with_less_memory():
             ref = logprobs()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logp = logprobs()
-        loss = M.grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0, -0.5, 0.8]), torch.ones(b, new), beta=0.04)
+        loss = grpo_loss(logp, logp.detach(), ref, torch.tensor([1.0, -0.5, 0.8]), torch.ones(b, new), beta=0.04)
         loss.backward()
         assert len(calls) == 1 + (2 if checkpointing else 1)  # the reference, the forward (and the recompute)
         results[checkpointing] = (loss.detach(), [p.grad.clone() for p in adapters])

@@ -522,7 +522,7 @@ class UMM2(Captioner, nn.Module):
     def decoder_logprobs(self, rollout: dict, unit, rows: slice) -> tuple:
         """Image tokens of the rows `rows` (one of the rollout's micro-batches), teacher-forced with gradients in
         the layout they were drawn in (so the ratio is exactly 1 on-policy): (log-probs, recorded log-probs,
-        the reference's log-probs with the adapters off, None: model.grpo_loss's k3 KL), each (rows, M)."""
+        the reference's log-probs with the adapters off, None: grpo.grpo_loss's k3 KL), each (rows, M)."""
         if rows not in rollout["chunks"]:
             raise ValueError(f"rows {rows} were not drawn together (micro-batches {rollout['chunks']}): the update must "
                              f"rerun the draw's layout")

@@ -24,6 +24,6 @@ timestep_fraction = 0.99  # [F]
 clip_eps = 1e-4  # [F]
 adv_clip = 5.0  # [F]
 advantage_std = "batch"  # [F] global_std = True
-beta = 0.004  # [F] 0.04 times |dt| = 0.1: model.step_kl is the exact KL, 1/|dt| larger than Flow-GRPO's
+beta = 0.004  # [F] 0.04 times |dt| = 0.1: grpo.step_kl is the exact KL, 1/|dt| larger than Flow-GRPO's
 eval_interval = 10 ** 9  # GenEval-shapes needs the shapes world's scenes
 save_interval = 20
