@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 import model as M
+from captioner import LLM_LORA_TARGETS, Captions, anchor_slices, checkpoint_llm_layers
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, clip_grad_norm, end_run, folder_rule,
     full_tensor, load_full_state, load_optimizer_state, micro_slices, NonFiniteGuard, own_rank, RULES, save_checkpoint,
@@ -85,13 +86,13 @@ rules = RULES | dict(  # valid values beyond the types (configurator), checked b
 )
 
 
-def decoder_condition(model, captions: M.Captions) -> torch.Tensor:
+def decoder_condition(model, captions: Captions) -> torch.Tensor:
     """What the decoder sees of an image: only its caption's text, encoded by a generate-role turn of the
     LLM (gradients on), as at inference. Never the captioning pass's states, which saw the image."""
     return model.condition(captions.texts, allow_cut=True)
 
 
-def backward(model, rt, backbone, captions: M.Captions, source, anchor_texts, reference, noise, cfg) -> dict:
+def backward(model, rt, backbone, captions: Captions, source, anchor_texts, reference, noise, cfg) -> dict:
     """Backpropagate the step's loss in micro-batches of images: each with its captions, its rows of the
     sampler's noise (drawn whole, so the split does not change it) and its anchor texts (the last also
     takes the ""), its terms weighted by their share of the batch so that the gradients add up to the
@@ -111,7 +112,7 @@ def backward(model, rt, backbone, captions: M.Captions, source, anchor_texts, re
             t.backward()
 
     totals = {"loss": 0.0, "similarity": 0.0, "ce": 0.0, "drift": 0.0}
-    for rows, anchors in zip(parts, M.anchor_slices(parts)):
+    for rows, anchors in zip(parts, anchor_slices(parts)):
         c = captions.rows(rows)
         share = len(c.texts) / n
         with contextlib.nullcontext() if split else rt.autocast(training=True):  # whole: one region (nested ones join it)
@@ -142,10 +143,10 @@ def checkpoint_activations(model):
     inputs, and the backward recomputes them one at a time: the DiT's at each of the differentiable
     sampler's sample_steps calls, the VAE decoder's (the 1024^2 decode with gradients: ~19 GB an image kept,
     ~10 recomputed) and the LoRA'd LLM's layers in its three passes with gradients (log-probs, the captions'
-    conditioning, the anchor; model.checkpoint_llm_layers)."""
+    conditioning, the anchor; captioner.checkpoint_llm_layers)."""
     model.transformer.enable_gradient_checkpointing()
     model.vae.enable_gradient_checkpointing()
-    M.checkpoint_llm_layers(model.llm)
+    checkpoint_llm_layers(model.llm)
 
 
 def main(argv=None):
@@ -160,7 +161,7 @@ def main(argv=None):
     anchors = model.check_texts(train, "caption")  # the anchor's texts: what the decoder learned to read
     size = cfg.image_size or model.image_size
     model.requires_grad_(False)
-    lora = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    lora = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, LLM_LORA_TARGETS)
     decoder = model.decoder_modules()
     decoder_params = [p for m in decoder for p in m.parameters()]
     for p in decoder_params:

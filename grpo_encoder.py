@@ -18,7 +18,7 @@ Memory (paper scale, plan.py): micro_batch sets how many captions go through one
 update, each with its share of the drift anchor (backpropagated with it, so the anchor's activations are
 bounded by a micro-batch too), and how many the frozen decoder draws at once in the rollout;
 grad_checkpointing recomputes each LLM decoder layer in the update's backward, so a micro-batch keeps only
-the layers' inputs instead of every layer's activations (model.checkpoint_llm_layers).
+the layers' inputs instead of every layer's activations (captioner.checkpoint_llm_layers).
 
     python grpo_encoder.py
     torchrun --standalone --nproc_per_node=2 grpo_encoder.py
@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import model as M
 import shapes
+from captioner import LLM_LORA_TARGETS, anchor_slices, checkpoint_llm_layers
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, group_reward_stats,
     micro_slices, NonFiniteGuard, own_rank, RULES, save_checkpoint, set_rng_state, start_run)
@@ -143,7 +144,7 @@ def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
     for _ in range(cfg.mu):
         opt.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "drift": 0.0}
-        for rows, anchors, c, c_old, c_ref in zip(slices, M.anchor_slices(slices), chunks, old, ref):
+        for rows, anchors, c, c_old, c_ref in zip(slices, anchor_slices(slices), chunks, old, ref):
             m = c.mask.float()
             with rt.autocast():  # a region of its own: autocast's cached bf16 copies of the adapters are not shared
                 drift = model.drift(out["anchor_texts"], out["reference_condition"], anchors, allow_cut=True)
@@ -188,9 +189,9 @@ def main(argv=None):
     model.requires_grad_(False)
     if cfg.compile:
         model.compile_decoder()
-    params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    params = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, LLM_LORA_TARGETS)
     if cfg.grad_checkpointing:
-        M.checkpoint_llm_layers(model.llm)  # acts in policy_step's backward (training mode, gradients on)
+        checkpoint_llm_layers(model.llm)  # acts in policy_step's backward (training mode, gradients on)
     broadcast_from_master(params)  # one model on every rank (per-rank seeds drew the random inits)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     step, history = 0, []

@@ -225,7 +225,7 @@ def llm_activations(qcfg: dict, batch: int, tokens: int, lora_r: int, logits_tok
     and the copy divided by the temperature at once, 10 bytes x V (the working set). Per sequence: the
     RoPE cos/sin (a x head_dim each) and the additive mask (a x tokens^2, one for all layers); the final
     RMSNorm's fp32 input; the backward's working set, the gradients of a layer's output and input (2 a d
-    per token). With activation checkpointing (model.checkpoint_llm_layers) the layers keep only their
+    per token). With activation checkpointing (captioner.checkpoint_llm_layers) the layers keep only their
     inputs (a d per token each, bf16) and the backward recomputes one layer at a time (its saved tensors)."""
     t = qcfg["text_config"]
     d, f, heads, layers = t["hidden_size"], t["intermediate_size"], t["num_attention_heads"], t["num_hidden_layers"]

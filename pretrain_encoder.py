@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import model as M
 import shapes
+from captioner import caption_loss
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, checkpoint_rule, end_run, folder_rule, lr_at,
     NonFiniteGuard, RESUME_REMEDY, RULES, save_checkpoint, set_rng_state, start_run)
@@ -141,7 +142,7 @@ def main(argv=None):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = M.caption_loss(model, rt, train_images, targets, train_scenes, local_batch, cfg.grounding)
+        loss = caption_loss(model, rt, train_images, targets, train_scenes, local_batch, cfg.grounding)
         if not guard.passed(all_finite(loss), step + 1):
             continue
         opt.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 
 The UMM-2 (umm2.py: Janus, one LLaMA LLM for both directions) is built around pretrain_vq.py's frozen
 tokenizer and trained on mixed batches: I2T cross-entropy on the world's SHORT captions (plus grounding
-questions: model.caption_loss), so its captions under-describe like the UMM-1 base encoder's, and
+questions: captioner.caption_loss), so its captions under-describe like the UMM-1 base encoder's, and
 T2I cross-entropy on the VQ tokens of the images, given captions from pretrain_decoder's corpus mix (complete,
 partial and short captions), so what a caption leaves out is its guess. Janus-Pro's pretraining mixes the
 same two tasks (with text-only data) in one batch (Chen et al. 2025, §2.2). A T2I caption is dropped with
@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 import shapes
 import umm2
+from captioner import caption_loss
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, checkpoint_rule, end_run, folder_rule, lr_at,
     NonFiniteGuard, RESUME_REMEDY, RULES, save_checkpoint, set_rng_state, start_run)
 from configurator import at_least, between, configure, must, only_if, parses
 from data import caption_mix, DataError, load_images, read_jsonl
-from model import caption_loss
 
 config = dict(
     data_dir="data/shapes",  # folder with train.jsonl / val.jsonl (DESIGN §5)

@@ -608,6 +608,7 @@ def test_reconstruction_reward_and_source_cache(shapes_clip_file):
 
 # ----------------------------------------------------------------------------- model.py and lora.py: LoRA, samplers, log-probs
 
+from captioner import LLM_LORA_TARGETS, PAPER_CAPTION_PROMPT, Captions, checkpoint_llm_layers, condition_drift  # noqa: E402
 import common  # noqa: E402
 from grpo import grpo_loss, sde_step, step_kl  # noqa: E402
 import lora  # noqa: E402
@@ -650,7 +651,7 @@ def test_lora_zero_init_off_on_merge_and_peft_layout(tiny_uae, tmp_path):
     texts = ["a large red circle at the top left.", "a small blue square."]
     with torch.no_grad():
         before = model.condition(texts)
-    params = model.add_lora("llm", r=4, alpha=8, targets=M.LLM_LORA_TARGETS)
+    params = model.add_lora("llm", r=4, alpha=8, targets=LLM_LORA_TARGETS)
     assert len(params) == 2 * 7 * 2  # A and B for 7 linears in each of 2 layers
     with torch.no_grad():
         assert torch.equal(model.condition(texts), before)  # B = 0: the adapted model starts as the base
@@ -675,7 +676,7 @@ def test_lora_zero_init_off_on_merge_and_peft_layout(tiny_uae, tmp_path):
     assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert len(keys) == len(params)
     reloaded = copy.deepcopy(tiny_uae)
-    reloaded.add_lora("llm", r=4, alpha=8, targets=M.LLM_LORA_TARGETS)
+    reloaded.add_lora("llm", r=4, alpha=8, targets=LLM_LORA_TARGETS)
     lora.load_lora(reloaded.llm, str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(reloaded.condition(texts), adapted)
@@ -1640,7 +1641,7 @@ def test_umm2_grpo_encoder_trains_its_llm_lora_off_is_the_reference_and_resumes_
     # the reference (adapters off) is the checkpoint the run started from, in both directions
     base = umm2.UMM2.load(str(umm2_ckpt)).eval()
     policy = umm2.UMM2.load(str(umm2_ckpt)).eval()
-    policy.add_lora("llm", 4, 8, M.LLM_LORA_TARGETS)
+    policy.add_lora("llm", 4, 8, LLM_LORA_TARGETS)
     lora.load_lora(policy.llm, str(tmp_path / "whole" / "lora_llm"))
     images, _ = _scene_images(2)
     with torch.no_grad():
@@ -1764,7 +1765,7 @@ def _qwen_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=QWEN_SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator([M.PAPER_CAPTION_PROMPT, "a cat sits on a red mat.", "a dog and a blue square at the top left.",
+    core.train_from_iterator([PAPER_CAPTION_PROMPT, "a cat sits on a red mat.", "a dog and a blue square at the top left.",
                               "user assistant generate system"] * 3, trainer)
     bpe = json.loads(core.to_str())["model"]
     tok = Qwen2Tokenizer(vocab=bpe["vocab"], merges=[tuple(m) for m in bpe["merges"]], eos_token="<|im_end|>",
@@ -1903,7 +1904,7 @@ def test_from_pretrained_loads_the_two_directories(paper_dirs, paper_uae):
     # captions may end with eos but never hold chat-control / vision tokens
     assert start in m.banned_token_ids and m.tokenizer.image_token_id in m.banned_token_ids
     assert m.tokenizer.eos_token_id not in m.banned_token_ids
-    assert m.scheduler.config.shift == 3.0 and m.caption_prompt == M.PAPER_CAPTION_PROMPT
+    assert m.scheduler.config.shift == 3.0 and m.caption_prompt == PAPER_CAPTION_PROMPT
     # the constant pooled projection is CLIP-L + CLIP-G pooled("") -- exactly what the pipeline computes
     reference = _reference_pooled(sd3_dir)
     assert reference.shape == (1, PAPER_POOLED_DIM) and m.pooled.shape == (1, PAPER_POOLED_DIM)
@@ -2047,7 +2048,7 @@ def test_save_references_sources_and_load_reproduces(paper_dirs, paper_uae, tmp_
                              "vae": os.path.abspath(os.path.join(sd3_dir, "vae")),
                              "scheduler": os.path.abspath(os.path.join(sd3_dir, "scheduler"))}
     assert meta["projector_hidden"] == 32 and meta["max_text_tokens"] == 16
-    assert meta["caption_prompt"] == M.PAPER_CAPTION_PROMPT
+    assert meta["caption_prompt"] == PAPER_CAPTION_PROMPT
     with torch.random.fork_rng():
         torch.manual_seed(123)  # a different fresh projector: equality below proves it was loaded
         loaded = M.UAE.load(str(ckpt)).eval()
@@ -2081,7 +2082,7 @@ def test_lora_stages_save_only_their_adapters(tiny_uae, tmp_path):
     out = tmp_path / "out"
     tiny_uae.save(str(out / "base"))
     first = M.UAE.load(str(out / "base"))
-    for p in first.add_lora("llm", r=4, alpha=8, targets=M.LLM_LORA_TARGETS):
+    for p in first.add_lora("llm", r=4, alpha=8, targets=LLM_LORA_TARGETS):
         torch.nn.init.normal_(p, std=0.05)
     first.save(str(out / "enc"), trained=("llm",))
     assert not (out / "enc" / "llm").exists() and (out / "enc" / "lora_llm" / "lora.safetensors").exists()
@@ -2154,7 +2155,7 @@ def test_grpo_encoder_steps_resume_and_peft_layout(tiny_world, capsys, tmp_path)
     # the reference model (adapters off) equals the checkpoint the run started from
     base = M.UAE.load(str(tiny_world / "dec")).eval()
     policy = M.UAE.load(str(tiny_world / "dec")).eval()
-    policy.add_lora("llm", 4, 8, M.LLM_LORA_TARGETS)
+    policy.add_lora("llm", 4, 8, LLM_LORA_TARGETS)
     lora.load_lora(policy.llm, str(out / "lora_llm"))
     images, _ = _scene_images(2)
     with torch.no_grad():
@@ -2207,7 +2208,7 @@ def test_grpo_encoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
     also with the LLM's layers recomputed in the backward (grad_checkpointing)."""
     import grpo_encoder
     from configurator import configure
-    rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
+    rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "llm", LLM_LORA_TARGETS, 0.05)
     cfg = configure(grpo_encoder.config, ["--group_size=3", "--max_new_tokens=8", "--decode_steps=2", "--compile=False"])
     out = grpo_encoder.rollout(model, rt, reward_fn, load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2]), [0, 1], cfg)
     captions = out["captions"]
@@ -2218,7 +2219,7 @@ def test_grpo_encoder_micro_batches_give_the_whole_batch_gradient(tiny_world):
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.3, -1.2, 0.9])
     grads = []
     for micro, checkpointing in ((0, False), (4, False), (4, True)):  # chunks of 4 and 2 captions
-        M.checkpoint_llm_layers(model.llm, checkpointing)
+        checkpoint_llm_layers(model.llm, checkpointing)
         opt = torch.optim.SGD(params, lr=0.0)
         stats = grpo_encoder.policy_step(model, rt, opt, params, out, advantages, configure(grpo_encoder.config, [
             "--group_size=3", f"--micro_batch={micro}"]))
@@ -2237,13 +2238,13 @@ def test_grpo_encoder_drift_anchor_per_micro_batch_gives_the_whole_set_gradient(
     gradients conditions more than a micro-batch's texts (+ the "")."""
     import grpo_encoder
     from configurator import configure
-    rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
+    rt, model, params, reward_fn = _policy_with_random_lora(tiny_world, "llm", LLM_LORA_TARGETS, 0.05)
     cfg = configure(grpo_encoder.config, ["--group_size=3", "--max_new_tokens=8", "--decode_steps=2", "--compile=False"])
     out = grpo_encoder.rollout(model, rt, reward_fn, load_images(read_jsonl(str(tiny_world / "train.jsonl"))[:2]), [0, 1], cfg)
     assert len(out["anchor_texts"]) == 7
     model.zero_grad(set_to_none=True)
     with rt.autocast():  # the anchor as it was: the whole set at once
-        whole = M.condition_drift(model.condition(out["anchor_texts"], allow_cut=True), out["reference_condition"])
+        whole = condition_drift(model.condition(out["anchor_texts"], allow_cut=True), out["reference_condition"])
     (2.0 * whole).backward()
     expected = [p.grad.clone() for p in params]
     assert whole > 0 and any(g.abs().max() > 0 for g in expected)
@@ -2296,7 +2297,7 @@ def test_cold_start_conditions_the_decoder_on_caption_text_only(tiny_world):
     assert not torch.equal(images[0], images[1])
     with torch.no_grad():
         caps = model.caption(images, 1, greedy=True)
-        same = M.Captions(caps.prompt, caps.ids[:1].repeat(2, 1), caps.mask[:1].repeat(2, 1), [caps.texts[0]] * 2)
+        same = Captions(caps.prompt, caps.ids[:1].repeat(2, 1), caps.mask[:1].repeat(2, 1), [caps.texts[0]] * 2)
         cond = cold_start.decoder_condition(model, same)
         # the channel the bottleneck closes: the captioning pass's states at the caption tokens differ
         n = same.ids.shape[1]
@@ -2316,7 +2317,7 @@ def test_cold_start_micro_batches_and_checkpointing_give_the_whole_batch_gradien
     loss and gradients on the adapters, projector and DiT (fp32)."""
     import cold_start
     from configurator import configure
-    rt, model, adapters, reward_fn = _policy_with_random_lora(tiny_world, "llm", M.LLM_LORA_TARGETS, 0.05)
+    rt, model, adapters, reward_fn = _policy_with_random_lora(tiny_world, "llm", LLM_LORA_TARGETS, 0.05)
     decoder = [p for m in model.decoder_modules() for p in m.parameters()]
     for p in decoder:
         p.requires_grad_(True)
@@ -2358,10 +2359,10 @@ def test_cold_start_micro_batches_and_checkpointing_give_the_whole_batch_gradien
 
 def test_condition_drift_by_hand():
     ref = torch.tensor([[[1.0, -1.0], [2.0, 0.0]]])  # mean square 6 / 4 = 1.5
-    assert M.condition_drift(ref, ref).item() == 0.0
+    assert condition_drift(ref, ref).item() == 0.0
     moved = ref + torch.tensor([[[0.5, 0.5], [-1.0, 0.0]]])  # mean square error (0.25 + 0.25 + 1) / 4 = 0.375
-    assert M.condition_drift(moved.bfloat16(), ref).item() == pytest.approx(0.375 / 1.5)
-    assert M.condition_drift(moved, ref).dtype == torch.float32
+    assert condition_drift(moved.bfloat16(), ref).item() == pytest.approx(0.375 / 1.5)
+    assert condition_drift(moved, ref).dtype == torch.float32
 
 
 def test_cold_start_trains_all_three_and_resumes(tiny_world, capsys, tmp_path):
@@ -3031,8 +3032,8 @@ def _tiny_llm_logprobs(checkpointing: bool):
     (model.checkpoint_llm_layers), and the teacher-forced (3, 16) log-probs of completion tokens after a
     left-padded prompt, as model.caption_logprobs computes them (logits_to_keep, no KV cache, token_logprobs)."""
     llm = _plan_tiny_models()["llm"].to(torch.bfloat16).requires_grad_(False).train()
-    lora.inject_lora(llm.model.language_model, M.LLM_LORA_TARGETS, 4, 8)
-    M.checkpoint_llm_layers(llm, checkpointing)
+    lora.inject_lora(llm.model.language_model, LLM_LORA_TARGETS, 4, 8)
+    checkpoint_llm_layers(llm, checkpointing)
     b, tokens, new = 3, 48, 16
     torch.manual_seed(0)
     adapters = [p for m in lora.lora_layers(llm).values() for p in (m.lora_A, m.lora_B)]
@@ -3089,7 +3090,7 @@ def test_checkpointed_llm_layers_give_the_same_gradients_with_less_memory():
     assert all(torch.equal(g, h) for g, h in zip(grads, grads_ckpt))
     print(f"activations: {measured[False]} B all kept, {measured[True]} B checkpointed")
     assert measured[True] < 0.5 * measured[False]
-    M.checkpoint_llm_layers(llm, False)
+    checkpoint_llm_layers(llm, False)
     calls.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logprobs().mean().backward()
@@ -3132,7 +3133,7 @@ def test_plan_weights_grads_optimizer_and_ema_match_a_real_step(paper_dirs):
     cfg = plan.stage_config("grpo_encoder", dirs)
     predicted = plan.plan_stage("grpo_encoder", cfg, models, 1, False, rules=plan.Rules(False))  # before the adapters
     model.requires_grad_(False)
-    adapters = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, M.LLM_LORA_TARGETS)
+    adapters = model.add_lora("llm", cfg.lora_r, cfg.lora_alpha, LLM_LORA_TARGETS)
     opt = torch.optim.AdamW(adapters, lr=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model.condition(["a cat sits on a red mat."]).float().pow(2).mean().backward()
@@ -3540,7 +3541,7 @@ def test_damaged_checkpoints_name_the_file_and_what_to_do(tiny_world, tmp_path):
     (dec / "model.json").write_text(json.dumps(meta))
     # a LoRA stage's adapter: named when the checkpoint loads, and when a run resumes from it
     model = M.UAE.load(str(dec))
-    model.add_lora("llm", 4, 8, M.LLM_LORA_TARGETS)
+    model.add_lora("llm", 4, 8, LLM_LORA_TARGETS)
     model.save(str(tmp_path / "lora_stage"), ("llm",))
     for name in ("lora.safetensors", "adapter_config.json"):
         path = tmp_path / "lora_stage" / "lora_llm" / name

@@ -38,9 +38,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from captioner import LLM_LORA_TARGETS, PAPER_CAPTION_PROMPT, Captioner, Captions
 from common import micro_slices, SOURCE_REMEDY, check_files, reading
 from lora import inject_lora, lora_disabled, lora_layers
-from model import LLM_LORA_TARGETS, PAPER_CAPTION_PROMPT, Captioner, Captions, merge_adapters, read_parts, save_parts
+from model import merge_adapters, read_parts, save_parts
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the LLM's attention projections
 
