@@ -8,7 +8,7 @@ UAE release): an hf: judge gets each image as a PIL image through its own image 
 is get_image_features and a DINO model's the CLS token; in folder mode a source's reconstruction is the
 file of the same name, else of the same name without extension, else recon_<stem>.<any image extension>.
 
-Both architectures, chosen by the checkpoint's model.json (model.load_autoencoder): a UAE, or a UMM2 that
+Both architectures, chosen by the checkpoint's model.json (checkpoint_parts.load_autoencoder): a UAE, or a UMM2 that
 captions and draws (VQ tokens, guided by cfg_scale; Janus-Pro: 5) with its one LLM; sample_steps is the UAE's.
 
 The judges are kept apart from the RL reward's backbone (`reward_backbone`): a bench scored by the very
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import model as M
 import shapes
+from checkpoint_parts import load_autoencoder
 from common import checkpoint_rule, folder_rule, RULES, setup_runtime, spec_rule
 from configurator import check, configure, must, only_if
 from data import DataError, IMAGE_EXTENSIONS, load_image, read_records, save_grid, to_uint8_hwc, write_json
@@ -209,7 +209,7 @@ def evaluate(cfg) -> dict:
     if cfg.generated:
         results = score(judges, reward_backbone, *pairs, cfg.batch_size)
     else:
-        model = M.load_autoencoder(cfg.ckpt, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device).eval()  # UAE or UMM2
+        model = load_autoencoder(cfg.ckpt, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device).eval()  # UAE or UMM2
         model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
         geneval = cfg.geneval and scenes is not None
         if geneval:  # the true captions the decoder draws: present, in its vocabulary, inside its window

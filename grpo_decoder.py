@@ -12,7 +12,7 @@ log-probs, clip range ~1e-4, KL on the predicted means against the reference (ad
 Denoising reduction: train with train_steps sampling steps, evaluate with eval_steps. sde_steps > 0
 makes only the first sde_steps steps stochastic (and trained), the rest ODE, as in Flow-GRPO-Fast.
 
-Both architectures, chosen by init_from's model.json (model.load_autoencoder). A UMM2 (umm2.py, Janus) draws
+Both architectures, chosen by init_from's model.json (checkpoint_parts.load_autoencoder). A UMM2 (umm2.py, Janus) draws
 each image as VQ tokens, one by one, from the guided distribution softmax((u + s (c - u)) / T); the update is
 token-level GRPO on them (ratio of the teacher-forced token log-probs, clip range clip_eps: token-level GRPO's
 0.2 rather than Flow-GRPO's 1e-4, k3 KL to the same LLM with its adapters off), the LoRA on that one LLM, the
@@ -36,8 +36,8 @@ import time
 import torch
 from tqdm import tqdm
 
-import model as M
 import shapes
+from checkpoint_parts import load_autoencoder
 from common import (
     all_finite, all_reduce_grads, broadcast_from_master, end_run, group_reward_stats, NonFiniteGuard, own_rank,
     RULES, save_checkpoint, set_rng_state, start_run)
@@ -179,7 +179,7 @@ def main(argv=None):
     train = read_jsonl(os.path.join(cfg.data_dir, "train.jsonl"), need_caption=False, need_images=True)  # images read per step
     val = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"))[:cfg.eval_n]
     val_scenes = shapes.scenes_of(val)
-    model = M.load_autoencoder(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)  # UAE or UMM2
+    model = load_autoencoder(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)  # UAE or UMM2
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     val_captions = model.check_texts(val, "caption")
     size = cfg.image_size or model.image_size

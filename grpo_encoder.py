@@ -9,7 +9,7 @@ that conditioning (condition_drift) keeps the decoder's input where pretraining 
 the first world GenEval-shapes from the true captions fell 0.44 -> 0.16 after 120 steps while the reward
 rose; with anchor_weight 1 it ended at 0.38 (relative drift 0.002).
 
-Both architectures, chosen by init_from's model.json (model.load_autoencoder): a UAE (above) or a UMM2
+Both architectures, chosen by init_from's model.json (checkpoint_parts.load_autoencoder): a UAE (above) or a UMM2
 (umm2.py, Janus: one LLM describes and draws). For a UMM2 the frozen decoder is that LLM with its adapters
 off drawing VQ tokens with guidance (cfg_scale; Janus-Pro: 5), and the anchor holds the LLM's states over
 the captions' T2I prompts (UMM2.condition); the model supplies the rendering (model.redraw), the script is one.
@@ -40,9 +40,9 @@ import time
 import torch
 from tqdm import tqdm
 
-import model as M
 import shapes
 from captioner import LLM_LORA_TARGETS, anchor_slices, checkpoint_llm_layers
+from checkpoint_parts import load_autoencoder
 from common import (
     all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, group_reward_stats,
     micro_slices, NonFiniteGuard, own_rank, RULES, save_checkpoint, set_rng_state, start_run)
@@ -183,7 +183,7 @@ def main(argv=None):
     probe_records = read_jsonl(os.path.join(cfg.data_dir, "val.jsonl"), need_caption=False)[:cfg.probe_n]
     probe_scenes = shapes.scenes_of(probe_records)
     # ---- model: the reference is init_from; the policy is it + LoRA on the text model
-    model = M.load_autoencoder(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)  # UAE or UMM2
+    model = load_autoencoder(cfg.init_from, dtype=getattr(torch, cfg.weights_dtype)).to(rt.device)  # UAE or UMM2
     model.caption_cap(cfg.max_new_tokens)  # fail now, not at the first caption
     size = cfg.image_size or model.image_size
     model.requires_grad_(False)

@@ -6,11 +6,10 @@
 
 One class serves both scales: `UAE.build_tiny(...)` makes the shapes-world model from configs,
 `UAE.from_pretrained(qwen_dir, sd3_dir)` loads Qwen2.5-VL-3B-Instruct + an SD3 pipeline directory
-from disk, and `UAE.save` / `UAE.load` handle our own checkpoints. The runtime and checkpoints every
-stage shares are in common.py, the hand-written LoRA in lora.py, the GRPO maths in grpo.py, and what the
-UAE shares with the UMM2 on the captioning side (Captioner) in captioner.py.
+from disk, and `UAE.save` / `UAE.load` handle our own checkpoints (checkpoint_parts.py). What the UAE
+shares with the UMM2 on the captioning side (Captioner) is in captioner.py, the GRPO maths in grpo.py,
+the runtime and checkpoints every stage shares in common.py, the hand-written LoRA in lora.py.
 """
-import contextlib
 import json
 import os
 
@@ -19,9 +18,10 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from captioner import PAPER_CAPTION_PROMPT, Captioner, Captions
-from common import CheckpointError, check_files, micro_slices, read_json, reading, require_keys, SOURCE_REMEDY
+from checkpoint_parts import merge_adapters, read_parts, save_parts
+from common import micro_slices, reading, SOURCE_REMEDY
 from grpo import sde_step, step_kl
-from lora import inject_lora, lora_disabled, lora_layers, lora_merged, merge_lora, save_lora
+from lora import inject_lora, lora_disabled, lora_layers
 
 # ============================================================================ the auto-encoder
 
@@ -603,91 +603,6 @@ class UAE(Captioner, nn.Module):
             latents = torch.cat([self.encode_images(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
             hidden = torch.cat([self.text_hidden_states(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
         return text_reliance(self, rt, latents, hidden, generator, batch_size=batch_size)
-
-
-# ============================================================================ checkpoint parts (UAE and UMM2)
-
-
-def load_autoencoder(directory: str, dtype=torch.float32, remedy: str = SOURCE_REMEDY):
-    """The auto-encoder a checkpoint holds, of the "architecture" its model.json names (UAE or UMM2; written
-    before the key: UAE), so that one script per stage serves both (the RL stages, eval_unified)."""
-    path = os.path.join(directory, "model.json")
-    meta = read_json(path, remedy) if os.path.exists(path) else {}
-    if isinstance(meta, dict) and meta.get("architecture") == "UMM2":
-        import umm2  # here, not at the top: umm2 builds on this module
-        return umm2.UMM2.load(directory, dtype, remedy=remedy)
-    return UAE.load(directory, dtype, remedy=remedy)  # a missing or other model.json is named by read_parts
-
-
-def save_parts(model, directory: str, trained) -> tuple[dict, dict]:
-    """The parts of a model (model.PARTS, each an attribute with save_pretrained) into a checkpoint directory:
-    the `trained` ones written in their standard layouts (merged: earlier adapters included), every other one
-    referenced where it lives (model.sources), relative when it is beside this checkpoint (a stage of the
-    same out/ folder), so the folder moves as a whole. A part trained through adapters on weights that live
-    elsewhere (a LoRA stage) is saved as its adapter alone; every adapter (model.lora) is written in ours and
-    peft's layout. Returns model.json's "parts" and "adapters" (per part, the adapter directories to add to
-    it in order when loading, earlier stages' first)."""
-    os.makedirs(directory, exist_ok=True)
-    home = os.path.dirname(os.path.abspath(directory))
-
-    def ref(path: str) -> str:
-        path = os.path.abspath(path)
-        return os.path.relpath(path, os.path.abspath(directory)) if os.path.commonpath([path, home]) == home else path
-    parts, adapters = {}, {}
-    for part in model.PARTS:
-        adapter_only = part in model.lora and part in model.sources
-        if part in trained and not adapter_only:
-            obj = getattr(model, part)
-            with lora_merged(obj) if isinstance(obj, nn.Module) else contextlib.nullcontext():
-                obj.save_pretrained(os.path.join(directory, part))
-            parts[part] = part
-            continue
-        if part not in model.sources:
-            raise ValueError(f"{type(model).__name__}.save: part '{part}' was built in memory and must be in "
-                             f"trained={trained}")
-        parts[part] = ref(model.sources[part])
-        stack = [ref(a) for a in model.adapters.get(part, [])] + ([f"lora_{part}"] if part in trained else [])
-        if stack:
-            adapters[part] = stack
-    for part, spec in model.lora.items():  # the adapter's base is the unmerged part it was trained on
-        base = os.path.abspath(model.sources[part]) if part in model.sources else ""
-        save_lora(getattr(model, part), os.path.join(directory, f"lora_{part}"), spec["r"], spec["alpha"], base)
-    return parts, adapters
-
-
-def read_parts(directory: str, architecture: str, parts: tuple, remedy: str = SOURCE_REMEDY,
-               required: tuple = ()) -> tuple[dict, dict]:
-    """A checkpoint's model.json and the directory of each of its parts (stored relative or absolute), after
-    checking that it holds `architecture` (the class name; checkpoints written before the key are UAE's),
-    names every one of `parts`, has the `required` keys, and that every file of it and of its parts and adapters is whole
-    (common.check_files): a damaged one is named, with `remedy`."""
-    meta_path = os.path.join(directory, "model.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{meta_path}: not a checkpoint of this project (no model.json)")
-    meta = read_json(meta_path, remedy)
-    if isinstance(meta, dict) and meta.get("architecture", "UAE") != architecture:
-        raise ValueError(f"{meta_path} holds a {meta['architecture']} checkpoint, not a {architecture} one: "
-                         f"load it with {meta['architecture']}.load")
-    require_keys(meta, meta_path, ("parts",) + tuple(required), remedy)  # its keys, once the architecture is known
-    if not isinstance(meta["parts"], dict) or set(parts) - set(meta["parts"]):
-        raise CheckpointError(f"{meta_path}: \"parts\" must name the directory of each of {', '.join(parts)}; {remedy}")
-    paths = {part: os.path.normpath(os.path.join(directory, p)) for part, p in meta["parts"].items()}
-    for part, path in paths.items():
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{meta_path}: part '{part}' points to missing directory {path}; {remedy}")
-    adapters = [os.path.normpath(os.path.join(directory, d)) for stack in meta.get("adapters", {}).values() for d in stack]
-    for path in dict.fromkeys([directory, *paths.values(), *adapters]):
-        if os.path.isdir(path):  # a missing adapter directory is named by merge_lora
-            check_files(path, remedy)
-    return meta, paths
-
-
-def merge_adapters(model, meta: dict, directory: str):
-    """A LoRA stage's part: its base + every stage's adapter, merged in order (model.adapters remembers them)."""
-    for part, stack in meta.get("adapters", {}).items():
-        model.adapters[part] = [os.path.normpath(os.path.join(directory, d)) for d in stack]
-        for adapter in model.adapters[part]:
-            merge_lora(getattr(model, part), adapter)
 
 
 def caption_tokens(hidden: torch.Tensor) -> torch.Tensor:

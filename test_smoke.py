@@ -609,6 +609,7 @@ def test_reconstruction_reward_and_source_cache(shapes_clip_file):
 # ----------------------------------------------------------------------------- model.py and lora.py: LoRA, samplers, log-probs
 
 from captioner import LLM_LORA_TARGETS, PAPER_CAPTION_PROMPT, Captions, checkpoint_llm_layers, condition_drift  # noqa: E402
+from checkpoint_parts import load_autoencoder  # noqa: E402
 import common  # noqa: E402
 from grpo import grpo_loss, sde_step, step_kl  # noqa: E402
 import lora  # noqa: E402
@@ -1650,7 +1651,7 @@ def test_umm2_grpo_encoder_trains_its_llm_lora_off_is_the_reference_and_resumes_
         outputs = lambda m: (m.caption_logprobs(c.prompt, c.ids), m.image_logprobs(r.prompt, r.tokens, 3.0))
         with lora.lora_disabled(policy.llm):
             assert all(torch.equal(a, b) for a, b in zip(outputs(policy), outputs(base)))
-        on, merged = outputs(policy), outputs(M.load_autoencoder(str(tmp_path / "whole")).eval())
+        on, merged = outputs(policy), outputs(load_autoencoder(str(tmp_path / "whole")).eval())
         assert all((a - b).abs().max() > 0 for a, b in zip(on, outputs(base)))  # RL moved describing and drawing
         for a, b in zip(merged, on):  # the checkpoint loads with the adapter merged
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from captioner import LLM_LORA_TARGETS, PAPER_CAPTION_PROMPT, Captioner, Captions
+from checkpoint_parts import merge_adapters, read_parts, save_parts
 from common import micro_slices, SOURCE_REMEDY, check_files, reading
 from lora import inject_lora, lora_disabled, lora_layers
-from model import merge_adapters, read_parts, save_parts
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the LLM's attention projections
 
@@ -217,7 +217,7 @@ class UMM2(Captioner, nn.Module):
 
     def save(self, directory: str, trained=PARTS):
         """The `trained` parts in their standard layouts (a LoRA stage: its adapter alone), the others
-        referenced, and model.json (model.save_parts: relocatable; write it inside common.atomic_dir)."""
+        referenced, and model.json (checkpoint_parts.save_parts: relocatable; write it inside common.atomic_dir)."""
         parts, adapters = save_parts(self, directory, trained)
         with open(os.path.join(directory, "model.json"), "w") as f:
             json.dump({"architecture": "UMM2", "parts": parts, "adapters": adapters,
