@@ -1,12 +1,13 @@
 """Our model checkpoints, for both architectures (UAE in model.py, UMM2 in umm2.py): a folder of named parts.
 
 A checkpoint is a directory with model.json (the architecture, where each part lives, the adapters to merge
-into it) and the parts a stage trained, each in its library's own layout (save_pretrained). The parts it did
+into it, the class's own settings) and the parts a stage trained, each in its library's own layout
+(save_pretrained), beside what the class writes itself (the UAE's projector.safetensors). The parts it did
 not train are referenced where they already live, relative when beside it, so a stage re-saves only what it
 changed and an out/ folder moves as a whole; a LoRA stage saves its adapter alone, merged into its base on
-loading. save_parts / read_parts / merge_adapters are the steps UAE and UMM2's save / load share, and
-load_autoencoder picks the class by model.json's architecture. A run's own checkpoint (common.save_checkpoint)
-is one of these plus the training state.
+loading. save_parts / read_parts / merge_adapters are the steps UAE's and UMM2's save / load share, and
+load_autoencoder picks the class by model.json's architecture. A run's own checkpoint
+(common.save_checkpoint) is one of these plus the training state.
 """
 import contextlib
 import os
@@ -26,8 +27,8 @@ def load_autoencoder(directory: str, dtype=torch.float32, remedy: str = SOURCE_R
     if isinstance(meta, dict) and meta.get("architecture") == "UMM2":
         import umm2  # here, not at the top: both classes build on this module
         return umm2.UMM2.load(directory, dtype, remedy=remedy)
-    import model
-    return model.UAE.load(directory, dtype, remedy=remedy)  # a missing or other model.json is named by read_parts
+    from model import UAE
+    return UAE.load(directory, dtype, remedy=remedy)  # a missing or other model.json is named by read_parts
 
 
 def save_parts(model, directory: str, trained) -> tuple[dict, dict]:

@@ -15,7 +15,7 @@ identically). The sampler is unguided (CFG would double the cost of the differen
 captions are the encoder's own samples, so the cross-entropy keeps captioning as it was (no new text is
 taught here: what to say is left to RL). The LoRA lives in the LLM that encodes every caption for the
 decoder, so the conditioning of the batch's true long captions is anchored to the adapters-off one
-(model.condition_drift): unanchored, this stage took GenEval-shapes 0.364 -> 0.015 on test; with
+(captioner.condition_drift): unanchored, this stage took GenEval-shapes 0.364 -> 0.015 on test; with
 anchor_weight 3 it keeps the decoder's 0.37 on val and raises the Unified-Score 33.4 -> 39.2 there
 (RESULTS.md). Learning rates are small and the run is short: this stage initialises, it does not solve.
 
@@ -69,7 +69,7 @@ config = dict(
     temperature=0.7,  # sampling temperature of the captions read back
     max_new_tokens=0,  # caption length cap (0 = the decoder's window; model.caption_cap)
     ce_weight=1.0,  # weight of the caption cross-entropy that keeps captioning intact
-    anchor_weight=3.0,  # weight of the drift penalty on the true long captions' conditioning (model.condition_drift; val: RESULTS.md)
+    anchor_weight=3.0,  # weight of the drift penalty on the true long captions' conditioning (captioner.condition_drift; val: RESULTS.md)
     grad_clip=1.0,  # max gradient norm
     fsdp=False,  # shard the decoder (text positions, projector, DiT) with FSDP2 over the ranks (torchrun): paper scale
     log_interval=10,  # steps between log lines

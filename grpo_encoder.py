@@ -127,7 +127,7 @@ def rollout(model, rt, reward_fn, images, keys, cfg) -> dict:
 def policy_step(model, rt, opt, params, out, advantages, cfg) -> dict:
     """mu clipped-surrogate updates on one rollout (+ the anchor on the decoder's conditioning), each over
     micro-batches of captions whose losses add up to the whole batch's. Each micro-batch also carries its
-    rows of the anchor set (its captions; the last also the "": UAE.drift), backpropagated with it, so no
+    rows of the anchor set (its captions; the last also the "": Captioner.drift), backpropagated with it, so no
     micro-batch holds the whole set's activations. Returns loss stats (fp32)."""
     captions = out["captions"]
     mask = captions.mask.float()

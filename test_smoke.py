@@ -606,7 +606,7 @@ def test_reconstruction_reward_and_source_cache(shapes_clip_file):
         rr.reconstruction_reward(x[:2], x_hat[:2], ["a", "b", "c"])
 
 
-# ----------------------------------------------------------------------------- model.py and lora.py: LoRA, samplers, log-probs
+# ----------------------------------------------------------------------------- model.py, grpo.py and lora.py: LoRA, samplers, log-probs
 
 from captioner import LLM_LORA_TARGETS, PAPER_CAPTION_PROMPT, Captions, checkpoint_llm_layers, condition_drift  # noqa: E402
 from checkpoint_parts import load_autoencoder  # noqa: E402
@@ -3030,7 +3030,7 @@ def test_plan_dit_activations_match_measured_storages(mode, checkpointing, steps
 def _tiny_llm_logprobs(checkpointing: bool):
     """A real 4-layer Qwen2.5-VL (the plan's tiny layout) in bf16 with fp32 LoRA on every text linear (A and B
     random, so both get gradients), in training mode with its layers checkpointed or not
-    (model.checkpoint_llm_layers), and the teacher-forced (3, 16) log-probs of completion tokens after a
+    (captioner.checkpoint_llm_layers), and the teacher-forced (3, 16) log-probs of completion tokens after a
     left-padded prompt, as model.caption_logprobs computes them (logits_to_keep, no KV cache, token_logprobs)."""
     llm = _plan_tiny_models()["llm"].to(torch.bfloat16).requires_grad_(False).train()
     lora.inject_lora(llm.model.language_model, LLM_LORA_TARGETS, 4, 8)
@@ -3067,7 +3067,7 @@ def test_plan_llm_lora_activations_match_measured_storages(checkpointing):
 
 
 def test_checkpointed_llm_layers_give_the_same_gradients_with_less_memory():
-    """model.checkpoint_llm_layers (grad_checkpointing of cold_start and grpo_encoder) on a tiny Qwen2.5-VL
+    """captioner.checkpoint_llm_layers (grad_checkpointing of cold_start and grpo_encoder) on a tiny Qwen2.5-VL
     with LoRA, one grpo_encoder update under bf16 autocast (the reference log-probs with the adapters off and
     no gradients, then the clipped surrogate with its KL): the same loss and bit-identical adapter gradients
     as keeping every activation (the recompute replays the forward exactly), each layer run again in the

@@ -27,7 +27,7 @@ attention kernel, micro-batch). A draft differs only where two candidates' noisy
 the numerical error (0.09% of tokens at bf16, CFG 5), so the first check usually passes (`rounds`).
 
 Both scales: `UMM2.build_tiny(...)` (shapes world), `UMM2.from_pretrained(janus_dir)` (a Janus-Pro directory
-in the transformers layout), `UMM2.save` / `UMM2.load` (our checkpoints, model.py's layout).
+in the transformers layout), `UMM2.save` / `UMM2.load` (our checkpoints, checkpoint_parts.py's layout).
 """
 import inspect
 import json
