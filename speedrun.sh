@@ -9,14 +9,14 @@
 # stopped (every stage resumes from its last checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")"
-# On the 2-core CPU (torchrun gives each process one thread), measured per step: pretrain_encoder 0.19 s in
-# one 2-thread process vs 0.22 s in two 1-thread ones (its vision attention runs as one batched call,
-# model.pack_vision_attention), pretrain_decoder 0.09 s compiled in one process (its matmuls use both threads
-# well and the all-reduce costs more than the Python overhead it hides). The RL stages run in NPROC processes
-# (two here), as their defaults were measured.
+# On the 2-core CPU (torchrun gives each process one thread), measured per step: pretrain_encoder 0.22 s in
+# two 1-thread processes vs 0.19 s in one 2-thread process (ENCODER_NPROC=1), but every measured chain of
+# this world used two, and the one chain with one (a new VAE too) trained its decoder slower (RESULTS.md,
+# session 7), so two stay until that is separated; pretrain_decoder 0.09 s compiled in one process (its
+# matmuls use both threads well, and the all-reduce costs more than the Python overhead it hides).
 GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
 NPROC="${NPROC:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || python -c 'import os; print(min(2, os.cpu_count()))')}"
-ENCODER_NPROC="${ENCODER_NPROC:-$([ "$GPUS" -gt 0 ] && echo "$NPROC" || echo 1)}"
+ENCODER_NPROC="${ENCODER_NPROC:-$NPROC}"
 DECODER_NPROC="${DECODER_NPROC:-$([ "$GPUS" -gt 0 ] && echo "$NPROC" || echo 1)}"
 OUT=out/speedrun
 mkdir -p "$OUT"
