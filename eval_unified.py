@@ -78,7 +78,7 @@ config = dict(
 JUDGES = ("clip", "longclip", "dinov2", "dinov3")  # the released scorer's model names
 folders = lambda cfg: bool(cfg.generated)  # scoring existing images: no checkpoint, no data
 rules = RULES | dict(  # valid values beyond the types (configurator), checked by evaluate before any work; shared keys' in common.RULES
-    ckpt=only_if(lambda cfg: not folders(cfg), checkpoint_rule()),  # or --generated with --references
+    ckpt=only_if(lambda cfg: not folders(cfg), checkpoint_rule(kind="UAE or UMM2")),  # or --generated with --references
     data=only_if(lambda cfg: not folders(cfg), must(lambda v, c: os.path.exists(v), "a JSONL file or a folder of images")),
     generated=only_if(folders, folder_rule()),
     references=only_if(folders, folder_rule()),

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import shapes
 from checkpoint_parts import load_autoencoder
 from common import (
-    all_finite, all_reduce_grads, broadcast_from_master, end_run, group_reward_stats, NonFiniteGuard, own_rank,
+    all_finite, all_reduce_grads, broadcast_from_master, checkpoint_rule, end_run, group_reward_stats, NonFiniteGuard, own_rank,
     RULES, save_checkpoint, set_rng_state, start_run)
 from configurator import above, at_least, configure, must, one_of
 from data import load_images, read_jsonl
@@ -93,6 +93,7 @@ config = dict(
     threads=0,  # torch CPU threads (0 = default)
 )
 rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    init_from=checkpoint_rule(kind="UAE or UMM2"),  # the architecture is the checkpoint's (checkpoint_parts.load_autoencoder)
     captions_per_step=at_least(1),
     train_steps=at_least(2, "the last step is a plain ODE step: one SDE step to train needs two"),
     eval_steps=at_least(1),

@@ -44,7 +44,7 @@ import shapes
 from captioner import LLM_LORA_TARGETS, anchor_slices, checkpoint_llm_layers
 from checkpoint_parts import load_autoencoder
 from common import (
-    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, end_run, group_reward_stats,
+    all_finite, all_reduce_grads, all_reduce_mean, broadcast_from_master, checkpoint_rule, end_run, group_reward_stats,
     micro_slices, NonFiniteGuard, own_rank, RULES, save_checkpoint, set_rng_state, start_run)
 from configurator import at_least, configure, must, one_of
 from data import load_images, read_jsonl
@@ -96,6 +96,7 @@ config = dict(
     threads=0,  # torch CPU threads (0 = default)
 )
 rules = RULES | dict(  # valid values beyond the types (configurator), checked before any work; the shared keys' in common.RULES
+    init_from=checkpoint_rule(kind="UAE or UMM2"),  # the architecture is the checkpoint's (checkpoint_parts.load_autoencoder)
     images_per_step=at_least(1),
     decode_steps=at_least(1),
     mu=at_least(1),
