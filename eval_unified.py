@@ -7,13 +7,12 @@ over judges of their bench averages (DESIGN §7). Scoring follows the released s
 UAE release): an hf: judge gets each image as a PIL image through its own image processor, CLIP's feature
 is get_image_features and a DINO model's the CLS token; in folder mode a source's reconstruction is the
 file of the same name, else of the same name without extension, else recon_<stem>.<any image extension>.
-
-Both architectures, chosen by the checkpoint's model.json (checkpoint_parts.load_autoencoder): a UAE, or a UMM2 that
-captions and draws (VQ tokens, guided by cfg_scale; Janus-Pro: 5) with its one LLM; sample_steps is the UAE's.
+The checkpoint's model.json picks the architecture (checkpoint_parts.load_autoencoder): a UAE, or a UMM2
+that captions and draws VQ tokens (guided by cfg_scale; Janus-Pro: 5) with its one LLM.
 
 The judges are kept apart from the RL reward's backbone (`reward_backbone`): a bench scored by the very
-model the RL stages maximised would reward fitting that model. The reward backbone is scored the same way
-and reported on its own, as reward_cosine, never in the Unified-Score.
+model the RL stages maximised would reward fitting that model; its cosine is reported on its own, as
+reward_cosine, never in the Unified-Score.
 
     python eval_unified.py --ckpt=out/grpo_decoder                          # shapes bench
     python eval_unified.py --ckpt=out/x --data=my/bench.jsonl --clip=hf:/ckpt/clip-vit-large-patch14 \
@@ -22,11 +21,9 @@ and reported on its own, as reward_cosine, never in the Unified-Score.
     python eval_unified.py --generated=any_model_outputs/ --references=sources/   # score another model's images
 
 Writes out_dir/: reconstructions/ (<stem>.png), captions.jsonl, grid.png and results.json: the released
-scorer's model_types, similarities_by_model (a source without reconstruction scores null),
-statistics_by_model (total_images = sources, valid_pairs = those matched) and summary, plus
-unified_score, unified_score_per_image (100 x the image's mean over judges), reward_cosine and
-reward_cosine_per_image, so that two checkpoints are compared image by image (paired_difference;
-mcnemar for pass/fail). On the shapes world (records carry "scene") it adds the oracle tables:
+scorer's model_types, similarities_by_model (a source without reconstruction: null), statistics_by_model
+(total_images = sources, valid_pairs = those matched) and summary, plus unified_score and reward_cosine
+with their _per_image lists (two checkpoints compared image by image: paired_difference, mcnemar). On the shapes world (records carry "scene") it adds the oracle tables:
 understanding (recall, small-object recall, attribute accuracy, precision, caption length), generation
 and generation_partial (the decoder alone, from the TRUE complete and partial captions: generation_tables;
 decoder_comparison tests two of them image by image), unification (Unified-Score, reward cosine,

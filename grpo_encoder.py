@@ -5,14 +5,12 @@ adapters off, projector, DiT) redraws the image from each caption; the reward is
 with f the reward CLIP. Captions that let the decoder rebuild the image better get positive group-
 relative advantages, so the encoder learns to say what it used to leave out (DESIGN §4.4). The adapters
 are merged into the one LLM that also encodes captions for the decoder, so a penalty on the drift of
-that conditioning (condition_drift) keeps the decoder's input where pretraining left it. Unanchored, on
-the first world GenEval-shapes from the true captions fell 0.44 -> 0.16 after 120 steps while the reward
-rose; with anchor_weight 1 it ended at 0.38 (relative drift 0.002).
+that conditioning (condition_drift) keeps the decoder's input where pretraining left it: unanchored, the
+decoder's drawing of the true captions collapsed while the reward rose (RESULTS.md).
 
-Both architectures, chosen by init_from's model.json (checkpoint_parts.load_autoencoder): a UAE (above) or a UMM2
-(umm2.py, Janus: one LLM describes and draws). For a UMM2 the frozen decoder is that LLM with its adapters
-off drawing VQ tokens with guidance (cfg_scale; Janus-Pro: 5), and the anchor holds the LLM's states over
-the captions' T2I prompts (UMM2.condition); the model supplies the rendering (model.redraw), the script is one.
+init_from's model.json picks the architecture (checkpoint_parts.load_autoencoder). A UMM2's frozen decoder is
+its one LLM with the adapters off drawing VQ tokens with guidance (Janus-Pro: 5), and the anchor holds that
+LLM's states over the captions' T2I prompts; the model supplies the rendering (model.redraw).
 
 Memory (paper scale, plan.py): micro_batch sets how many captions go through one forward/backward in the
 update, each with its share of the drift anchor (backpropagated with it, so the anchor's activations are

@@ -614,7 +614,7 @@ def caption_tokens(hidden: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def text_reliance(model, rt, latents, hidden, generator, sigma=0.9, batch_size=50) -> dict:
     """x0 error when denoising from sigma with each image's own caption, divided by the error with
-    another image's caption (the next one's): 1.0 = the decoder ignores the text; lower = it reads it.
+    another image's caption (the previous one's: roll(1)): 1.0 = the decoder ignores the text; lower = it reads it.
     At high noise the caption is the only source of the layout, so this shows text use long before
     samples do. `hidden` are text_hidden_states. Returns text_reliance (the ratio of the summed errors)
     and per_image (each image's own ratio, for paired tests)."""
